@@ -1,0 +1,5 @@
+"""`python -m fleetsync` entry point."""
+
+from fleetsync.cli import main
+
+main()

@@ -1,0 +1,31 @@
+"""`fleetsync origin`: watch a root and serve its change feed."""
+
+from __future__ import annotations
+
+import click
+
+from fleetsync.cli.options import LISTEN, token_option, verbose_option
+
+
+@click.command("origin")
+@click.option("--root", required=True, type=click.Path(file_okay=False), help="Tree to replicate.")
+@click.option("--state", required=True, type=click.Path(file_okay=False), help="Directory for the journal.")
+@click.option("--listen", default="127.0.0.1:8470", type=LISTEN, show_default=True, help="HOST:PORT to serve on.")
+@click.option("--settle", default=0.2, show_default=True, type=click.FloatRange(0.0, 60.0),
+              help="Seconds a file must be quiet (and closed) before it is recorded.")
+@click.option("--retain", default=1_000_000, show_default=True, type=click.IntRange(1000),
+              help="Journal records kept for followers; older followers resync from a snapshot.")
+@click.option("--allow-empty-root", is_flag=True, help="Propagate an empty root (normally a pause: invariant 6).")
+@click.option("--ignore", multiple=True, help="Extra upload temp-name pattern to ignore (repeatable).")
+@token_option
+@verbose_option
+def command(root: str, state: str, listen: tuple[str, int], settle: float, retain: int, allow_empty_root: bool,
+            ignore: tuple[str, ...], token: str | None, verbose: int) -> None:
+    """Watch ROOT, journal every change, and serve the feed to replicas."""
+    from fleetsync.cli import setup_logging
+    from fleetsync.origin import run_origin
+    from fleetsync.paths import DEFAULT_IGNORE
+
+    setup_logging(verbose)
+    run_origin(root, state, listen, settle=settle, token=token, retain=retain, allow_empty=allow_empty_root,
+               ignore=list(DEFAULT_IGNORE) + list(ignore))

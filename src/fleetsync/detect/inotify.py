@@ -1,0 +1,210 @@
+"""Recursive inotify watcher: one watch per directory, added on mkdir/move-in, dropped on move-out."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import stat
+
+from inotify_simple import INotify
+from inotify_simple import flags as F
+
+from fleetsync import paths
+from fleetsync.detect import HintSink
+
+log = logging.getLogger("fleetsync.detect.inotify")
+
+MASK = (F.CREATE | F.MODIFY | F.CLOSE_WRITE | F.ATTRIB | F.DELETE | F.MOVED_FROM | F.MOVED_TO
+        | F.DELETE_SELF | F.MOVE_SELF | F.ONLYDIR | F.DONT_FOLLOW | F.EXCL_UNLINK)
+PAIR_WAIT = 0.02
+
+
+class InotifyDetector:
+    """Watches a root recursively with inotify and feeds a HintSink."""
+
+    name = "inotify"
+
+    def __init__(self, root: str | bytes) -> None:
+        self.root = os.fsencode(root)
+        self.ino = INotify(nonblocking=True)
+        self.wd_path: dict[int, bytes] = {}
+        self.path_wd: dict[bytes, int] = {}
+        self.unwatched: set[bytes] = set()
+        self._moves: dict[int, tuple[bytes, bool]] = {}
+        self._sink: HintSink | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._flush_handle: asyncio.TimerHandle | None = None
+        self.overflows = 0
+
+    # -- watches ---------------------------------------------------------------------------------
+    def watch_tree(self, rel: bytes) -> int:
+        """Add watches on rel and every directory below it; returns how many were added."""
+        n = 0
+        stack = [rel]
+        while stack:
+            d = stack.pop()
+            if not self._add(d):
+                continue
+            n += 1
+            full = os.path.join(self.root, d) if d else self.root
+            try:
+                with os.scandir(full) as it:
+                    for de in it:
+                        if de.is_dir(follow_symlinks=False):
+                            stack.append(paths.join(d, de.name))
+            except (FileNotFoundError, NotADirectoryError, PermissionError):
+                continue
+        return n
+
+    def _add(self, rel: bytes) -> bool:
+        full = os.path.join(self.root, rel) if rel else self.root
+        try:
+            wd = self.ino.add_watch(full, MASK)
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                log.warning("inotify watch limit reached at %r: raise fs.inotify.max_user_watches "
+                            "(sysctl); this subtree is covered by rescans meanwhile", rel)
+                self.unwatched.add(rel)
+                return False
+            if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.EACCES, errno.ELOOP):
+                return False
+            raise
+        old = self.wd_path.get(wd)
+        if old is not None and old != rel:
+            self.path_wd.pop(old, None)
+        self.wd_path[wd] = rel
+        self.path_wd[rel] = wd
+        return True
+
+    def _drop_tree(self, rel: bytes) -> None:
+        for p in [p for p in self.path_wd if paths.is_under(p, rel)]:
+            wd = self.path_wd.pop(p)
+            self.wd_path.pop(wd, None)
+            try:
+                self.ino.rm_watch(wd)
+            except OSError:
+                pass
+
+    def _rebase_tree(self, old: bytes, new: bytes) -> None:
+        moved = [(p, wd) for p, wd in self.path_wd.items() if paths.is_under(p, old)]
+        for p, _ in moved:
+            del self.path_wd[p]
+        for p, wd in moved:
+            np = paths.rebase(p, old, new)
+            self.path_wd[np] = wd
+            self.wd_path[wd] = np
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def start(self, sink: HintSink) -> None:
+        """Add watches for the whole tree and start reading events on the running loop."""
+        self._sink = sink
+        self._loop = asyncio.get_running_loop()
+        n = self.watch_tree(b"")
+        log.info("inotify: watching %d directories", n)
+        self._loop.add_reader(self.ino.fileno(), self.drain)
+
+    def close(self) -> None:
+        """Stop watching."""
+        if self._loop is not None:
+            self._loop.remove_reader(self.ino.fileno())
+        self.ino.close()
+
+    # -- events ----------------------------------------------------------------------------------
+    def drain(self) -> None:
+        """Read and dispatch all queued events."""
+        while True:
+            try:
+                events = self.ino.read(timeout=0)
+            except OSError as e:
+                log.error("inotify read failed: %s; rescanning", e)
+                events = []
+                self._sink.rescan(b"")  # type: ignore[union-attr]
+            if not events:
+                break
+            for ev in events:
+                self._dispatch(ev)
+        if self._moves and self._loop is not None and self._flush_handle is None:
+            self._flush_handle = self._loop.call_later(PAIR_WAIT, self._flush_moves)
+
+    def _flush_moves(self) -> None:
+        self._flush_handle = None
+        self.drain()
+        moves, self._moves = self._moves, {}
+        for old, is_dir in moves.values():
+            if is_dir:
+                self._drop_tree(old)
+            self._sink.removed(old)  # type: ignore[union-attr]
+
+    def _dispatch(self, ev) -> None:  # noqa: ANN001 - inotify_simple.Event
+        sink = self._sink
+        assert sink is not None
+        mask = ev.mask
+        if mask & F.Q_OVERFLOW:
+            self.overflows += 1
+            log.warning("inotify queue overflow: rescanning the whole root")
+            sink.rescan(b"")
+            return
+        d = self.wd_path.get(ev.wd)
+        if mask & F.IGNORED:
+            if d is not None:
+                self.wd_path.pop(ev.wd, None)
+                if self.path_wd.get(d) == ev.wd:
+                    del self.path_wd[d]
+            return
+        if d is None:
+            return
+        if mask & (F.DELETE_SELF | F.MOVE_SELF | F.UNMOUNT):
+            if d == b"":
+                sink.root_lost("root directory was deleted, moved or unmounted")
+            return
+        name = os.fsencode(ev.name) if isinstance(ev.name, str) else ev.name
+        if not name:
+            if mask & F.ATTRIB:
+                sink.changed(d)
+            return
+        p = paths.join(d, name)
+        is_dir = bool(mask & F.ISDIR)
+        if mask & F.MOVED_FROM:
+            self._moves[ev.cookie] = (p, is_dir)
+            return
+        if mask & F.MOVED_TO:
+            src = self._moves.pop(ev.cookie, None)
+            if src is not None:
+                if is_dir:
+                    self._drop_tree(p)
+                    self._rebase_tree(src[0], p)
+                sink.moved(src[0], p, is_dir)
+            elif is_dir:
+                self.watch_tree(p)
+                sink.rescan(p)
+            else:
+                sink.changed(p, closed=True)
+            return
+        if mask & F.CREATE:
+            if is_dir:
+                self.watch_tree(p)
+                sink.rescan(p)
+            else:
+                sink.changed(p, writing=True)
+            return
+        if mask & F.DELETE:
+            if is_dir:
+                self._drop_tree(p)
+            sink.removed(p)
+            return
+        if mask & F.CLOSE_WRITE:
+            sink.changed(p, closed=True)
+        elif mask & F.MODIFY:
+            sink.changed(p, writing=True)
+        elif mask & F.ATTRIB:
+            sink.changed(p)
+
+
+def is_dir_at(root: bytes, rel: bytes) -> bool:
+    """True if rel is a directory (not a symlink) under root."""
+    try:
+        return stat.S_ISDIR(os.lstat(os.path.join(root, rel)).st_mode)
+    except OSError:
+        return False

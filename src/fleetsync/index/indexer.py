@@ -1,0 +1,457 @@
+"""The indexer: settles hints, verifies them against the disk and the manifest, commits records.
+
+Every journal write on the origin goes through `Indexer.process_ready`, one batch at a time, so
+records are ordered exactly as the indexer observed the tree. Hints are never trusted: a path is
+lstat'ed (confined, no symlink following) and hashed when its size/mtime/inode/ctime changed; a
+result is dropped if a new event for the path arrived while it was being hashed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import stat
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from fleetsync import paths
+from fleetsync.entry import DELETE, DIR, FILE, LINK, MOVE, PUT, Entry, entry_from_stat, kind_of
+from fleetsync.errors import RootVanished
+from fleetsync.hashing import hash_fd
+from fleetsync.journal.sqlite import Change, LocalStat, SqliteJournal
+from fleetsync.replica.fsops import ConfinedRoot
+
+log = logging.getLogger("fleetsync.index")
+
+BATCH = 2000
+MAX_PENDING_SCAN = 20000
+
+
+@dataclass(slots=True)
+class Pending:
+    """A hint waiting to settle."""
+
+    deadline: float
+    writing: bool
+    first: float
+    removed: bool = False
+
+
+@dataclass(slots=True)
+class _Obs:
+    path: bytes
+    st: os.stat_result | None
+    entry: Entry | None = None
+    local: LocalStat | None = None
+    unstable: bool = False
+
+
+class Indexer:
+    """Origin-side hint sink and record producer."""
+
+    def __init__(self, root: str, journal: SqliteJournal, *, settle: float = 0.2, open_timeout: float = 60.0,
+                 ignore: paths.IgnoreRules | None = None, allow_empty: bool = False,
+                 on_commit: Callable[[int], None] | None = None) -> None:
+        self.root = os.fsencode(os.path.abspath(root))
+        self.fs = ConfinedRoot(self.root, cache=False)
+        self.j = journal
+        self.settle = settle
+        self.open_timeout = open_timeout
+        self.ignore = ignore or paths.IgnoreRules()
+        self.allow_empty = allow_empty
+        self.on_commit = on_commit or (lambda n: None)
+        self.pending: dict[bytes, Pending] = {}
+        self.paused: str | None = None
+        self.scanning = 0
+        self.drain: Callable[[], None] = lambda: None
+        self._moves: list[Change] = []
+        st = os.stat(self.root)
+        self._root_id = (st.st_dev, st.st_ino)
+        self._wake = asyncio.Event()
+        self._shadow: dict[bytes, Entry | None] = {}
+        self.records_written = 0
+
+    # -- HintSink --------------------------------------------------------------------------------
+    def changed(self, path: bytes, *, writing: bool = False, closed: bool = False) -> None:
+        """A path may have changed."""
+        if self.ignore.ignored(path):
+            return
+        now = time.monotonic()
+        p = self.pending.get(path)
+        if p is None:
+            self.pending[path] = Pending(now + self.settle, writing and not closed, now)
+        else:
+            p.deadline = now + self.settle
+            p.removed = False
+            if closed:
+                p.writing = False
+            elif writing:
+                p.writing = True
+        self._wake.set()
+
+    def removed(self, path: bytes) -> None:
+        """A path may be gone."""
+        if self.ignore.ignored(path):
+            return
+        now = time.monotonic()
+        self.pending[path] = Pending(now + min(self.settle, 0.05), False, now, removed=True)
+        self._wake.set()
+
+    def moved(self, old: bytes, new: bytes, is_dir: bool) -> None:
+        """A rename inside the root: becomes one move record when the manifest knows `old`."""
+        if self.ignore.ignored(new):
+            self.removed(old)
+            return
+        known = self.j.get(old) if not self.ignore.ignored(old) else None
+        # Carry pending hints along with the rename.
+        for p in [p for p in self.pending if paths.is_under(p, old)]:
+            self.pending[paths.rebase(p, old, new)] = self.pending.pop(p)
+        if known is None:
+            if is_dir:
+                self.rescan(new)
+            else:
+                self.changed(new, closed=True)
+            return
+        self._moves.append(Change(MOVE, new, None, old))
+        # Verify the destination after it settles (content may differ from the manifest).
+        if not is_dir:
+            self.changed(new)
+        self._wake.set()
+
+    def rescan(self, path: bytes) -> None:
+        """Compare a subtree with the manifest (hints for everything that differs)."""
+        self.scanning += 1
+        loop = asyncio.get_running_loop()
+
+        def run() -> None:
+            try:
+                for hint in self.diff_subtree(path):
+                    while len(self.pending) > MAX_PENDING_SCAN:
+                        time.sleep(0.01)  # back-pressure: let the indexer catch up
+                    loop.call_soon_threadsafe(self._scan_hint, hint)
+            except Exception:  # noqa: BLE001 - logged; the next rescan retries
+                log.exception("rescan of %r failed", path)
+            finally:
+                loop.call_soon_threadsafe(self._scan_done)
+
+        threading.Thread(target=run, name="rescan", daemon=True).start()
+
+    def root_lost(self, reason: str) -> None:
+        """Pause: the root vanished (invariant 6)."""
+        self.paused = reason
+        log.error("PAUSED: %s; no changes are propagated until it is back", reason)
+        self._wake.set()
+
+    def _scan_hint(self, path: bytes) -> None:
+        if path not in self.pending:
+            now = time.monotonic()
+            self.pending[path] = Pending(now, False, now)
+            self._wake.set()
+
+    def _scan_done(self) -> None:
+        self.scanning -= 1
+        self._wake.set()
+
+    # -- scanning (runs in a thread) -------------------------------------------------------------
+    def walk(self, top: bytes) -> Iterator[tuple[bytes, os.stat_result]]:
+        """lstat every entry at and under top (no symlink following)."""
+        st = self.fs.lstat(top) if top else os.lstat(self.root)
+        if st is None:
+            return
+        if top:
+            yield top, st
+        if not stat.S_ISDIR(st.st_mode):
+            return
+        stack = [top]
+        while stack:
+            d = stack.pop()
+            full = os.path.join(self.root, d) if d else self.root
+            try:
+                with os.scandir(full) as it:
+                    for de in it:
+                        p = paths.join(d, de.name)
+                        if self.ignore.ignored(p):
+                            continue
+                        try:
+                            dst = de.stat(follow_symlinks=False)
+                        except FileNotFoundError:
+                            continue
+                        yield p, dst
+                        if stat.S_ISDIR(dst.st_mode):
+                            stack.append(p)
+            except (FileNotFoundError, NotADirectoryError, PermissionError) as e:
+                log.debug("scan %r: %s", d, e)
+
+    def diff_subtree(self, top: bytes) -> Iterator[bytes]:
+        """Paths under top whose lstat differs from the manifest, then manifest paths gone from disk."""
+        reader = SqliteJournal(self.j.db_path, durable=False)
+        try:
+            seen: set[bytes] = set()
+            for p, st in self.walk(top):
+                seen.add(p)
+                row = reader.get_with_local(p)
+                if row is None or not _stat_matches(row[0], row[1], st):
+                    yield p
+            gone = [p for p, _ in reader.subtree(top)] if top else [p for p, _, _ in reader.iter_local()]
+            for p in gone:
+                if p not in seen:
+                    yield p
+        finally:
+            reader.close()
+
+    def initial_scan_needed(self) -> bool:
+        """True if the manifest is empty (first start)."""
+        return self.j.count() == 0
+
+    # -- processing ------------------------------------------------------------------------------
+    def busy(self) -> int:
+        """Changes seen but not yet committed (status `pending`)."""
+        return len(self.pending) + len(self._moves) + self.scanning
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Process settled hints until stop is set."""
+        while not stop.is_set():
+            self._wake.clear()
+            delay = await self.process_ready()
+            try:
+                await asyncio.wait_for(self._wake.wait(), delay)
+            except asyncio.TimeoutError:
+                pass
+            if self._wake.is_set():
+                await asyncio.sleep(0.01)
+
+    def _ready(self, now: float) -> tuple[list[bytes], float]:
+        ready: list[bytes] = []
+        next_at = 1.0
+        for p, h in self.pending.items():
+            due = h.deadline
+            if h.writing:
+                due = max(h.deadline, h.first + self.open_timeout)
+            if due <= now:
+                ready.append(p)
+                if len(ready) >= BATCH:
+                    break
+            else:
+                next_at = min(next_at, due - now)
+        return ready, max(next_at, 0.005)
+
+    def _check_root(self) -> None:
+        try:
+            st = os.stat(self.root)
+        except OSError as e:
+            raise RootVanished(f"origin root {self.root!r} is not accessible: {e}") from e
+        if (st.st_dev, st.st_ino) != self._root_id:
+            raise RootVanished(f"origin root {self.root!r} was replaced (different device/inode)")
+        if not self.allow_empty and self.j.count() > 0:
+            with os.scandir(self.root) as it:
+                if not any(not self.ignore.ignored(de.name) for de in it):
+                    raise RootVanished(f"origin root {self.root!r} is empty while the manifest has "
+                                       f"{self.j.count()} entries (unmounted volume?)")
+
+    async def process_ready(self) -> float:
+        """Commit one batch of settled hints; returns seconds until the next hint is due."""
+        now = time.monotonic()
+        ready, delay = self._ready(now)
+        if not ready and not self._moves:
+            return delay
+        try:
+            self._check_root()
+        except RootVanished as e:
+            if self.paused != str(e):
+                log.error("PAUSED: %s; no changes are propagated until it is back", e)
+            self.paused = str(e)
+            return 1.0
+        if self.paused:
+            log.warning("resuming: root is back")
+            self.paused = None
+        moves, self._moves = self._moves, []
+        self._commit(self._move_changes(moves))
+        for p in ready:
+            del self.pending[p]
+        loop = asyncio.get_running_loop()
+        obs = await loop.run_in_executor(None, self._observe, sorted(ready))
+        # Anything touched again while we were hashing is not settled: drop the result, keep the hint.
+        self.drain()
+        obs = [o for o in obs if o.path not in self.pending or self.pending[o.path].removed]
+        self._commit(self._changes(obs))
+        return 0.0 if len(ready) >= BATCH else delay
+
+    def _commit(self, changes: list[Change]) -> None:
+        if changes:
+            recs = self.j.commit(changes)
+            self.records_written += len(recs)
+            self.on_commit(len(recs))
+
+    def _move_changes(self, moves: list[Change]) -> list[Change]:
+        """Renames seen by the detector whose source the manifest knows become move records."""
+        changes: list[Change] = []
+        for m in moves:
+            assert m.old_path is not None
+            cur = self.j_get(m.old_path, changes)
+            if cur is None:
+                self.rescan(m.path)
+                continue
+            ch = Change(MOVE, m.path, cur, m.old_path)
+            changes.append(ch)
+            self._apply_shadow(ch)
+        self._shadow.clear()
+        return changes
+
+    def _observe(self, ready: list[bytes]) -> list[_Obs]:
+        """lstat (and hash where needed) each ready path; runs in a worker thread."""
+        out: list[_Obs] = []
+        reader = SqliteJournal(self.j.db_path, durable=False)
+        try:
+            for p in ready:
+                st = self.fs.lstat(p)
+                o = _Obs(p, st)
+                out.append(o)
+                if st is None:
+                    continue
+                k = kind_of(st)
+                if k is None:
+                    o.st = None  # fifos, sockets, devices are not replicated
+                    continue
+                if k == LINK:
+                    try:
+                        o.entry = entry_from_stat(st, target=self.fs.readlink(p))
+                    except OSError:
+                        o.st = None
+                    continue
+                if k == DIR:
+                    o.entry = entry_from_stat(st)
+                    continue
+                row = reader.get_with_local(p)
+                local = LocalStat(st.st_ino, st.st_ctime_ns)
+                o.local = local
+                if row is not None and _stat_matches(row[0], row[1], st):
+                    o.entry = row[0]
+                    continue
+                try:
+                    fd = self.fs.open_read(p)
+                except OSError:
+                    o.unstable = True
+                    continue
+                try:
+                    digest, n = hash_fd(fd)
+                    st2 = os.fstat(fd)
+                finally:
+                    os.close(fd)
+                if (n != st.st_size or st2.st_size != st.st_size or st2.st_mtime_ns != st.st_mtime_ns
+                        or st2.st_ctime_ns != st.st_ctime_ns or st2.st_ino != st.st_ino):
+                    o.unstable = True
+                    continue
+                o.entry = entry_from_stat(st, hash_=digest)
+        finally:
+            reader.close()
+        return out
+
+    def _changes(self, obs: list[_Obs]) -> list[Change]:
+        changes: list[Change] = []
+        # Present paths first (so rename detection by inode sees the old path still in the manifest),
+        # then deletions.
+        known_dirs: set[bytes] = set()
+        for o in obs:
+            if o.unstable:
+                self.changed(o.path, writing=True)
+                continue
+            if o.st is None or o.entry is None:
+                continue
+            self._ensure_parents(o.path, changes, known_dirs)
+            cur = self.j_get(o.path, changes)
+            e = o.entry
+            if cur is not None and cur == e:
+                if e.kind == FILE and o.local is not None:
+                    self.j.update_local(o.path, o.local)
+                continue
+            if cur is None and o.st is not None:
+                src = self._renamed_from(o)
+                if src is not None:
+                    ch = Change(MOVE, o.path, e, src, o.local)
+                    changes.append(ch)
+                    self._apply_shadow(ch)
+                    continue
+            ch = Change(PUT, o.path, e, local=o.local)
+            changes.append(ch)
+            self._apply_shadow(ch)
+        for o in obs:
+            if o.st is None and not o.unstable and self.j_get(o.path, changes) is not None:
+                ch = Change(DELETE, o.path)
+                changes.append(ch)
+                self._apply_shadow(ch)
+        self._shadow.clear()
+        return changes
+
+    def _apply_shadow(self, ch: Change) -> None:
+        """Overlay a computed-but-uncommitted change on the manifest view used by this batch."""
+        if ch.op == DELETE:
+            self._shadow[ch.path] = None
+        elif ch.op == MOVE:
+            assert ch.old_path is not None
+            self._shadow[ch.old_path] = None
+            self._shadow[ch.path] = ch.entry
+        else:
+            self._shadow[ch.path] = ch.entry
+
+    def j_get(self, path: bytes, changes: list[Change]) -> Entry | None:
+        """Manifest entry as it will be after the changes computed so far in this batch."""
+        if path in self._shadow:
+            return self._shadow[path]
+        for anc in _ancestors(path):
+            if anc in self._shadow and self._shadow[anc] is None:
+                return None
+        return self.j.get(path)
+
+    def _ensure_parents(self, path: bytes, changes: list[Change], known: set[bytes]) -> None:
+        for anc in reversed(_ancestors(path)):
+            if anc in known:
+                continue
+            cur = self.j_get(anc, changes)
+            if cur is None or cur.kind != DIR:
+                st = self.fs.lstat(anc)
+                if st is None or not stat.S_ISDIR(st.st_mode):
+                    return
+                ch = Change(PUT, anc, entry_from_stat(st))
+                changes.append(ch)
+                self._apply_shadow(ch)
+            known.add(anc)
+
+    def _renamed_from(self, o: _Obs) -> bytes | None:
+        """A manifest path that this new path is the same inode as, now gone from disk."""
+        assert o.st is not None and o.entry is not None
+        if o.entry.kind != FILE:
+            return None
+        for cand in self.j.paths_with_ino(o.st.st_ino):
+            if cand == o.path or cand in self._shadow:
+                continue
+            m = self.j.get(cand)
+            if m is None or m.kind != FILE or m.hash != o.entry.hash:
+                continue
+            st = self.fs.lstat(cand)
+            if st is None or st.st_ino != o.st.st_ino:
+                return cand
+        return None
+
+
+def _ancestors(path: bytes) -> list[bytes]:
+    """Proper ancestors of a relative path, deepest first."""
+    out = []
+    p = paths.parent(path)
+    while p:
+        out.append(p)
+        p = paths.parent(p)
+    return out
+
+
+def _stat_matches(e: Entry, local: LocalStat | None, st: os.stat_result) -> bool:
+    """True if an lstat result shows no change from a manifest entry (no hash needed)."""
+    k = kind_of(st)
+    if k != e.kind or stat.S_IMODE(st.st_mode) != e.mode and k != LINK:
+        return False
+    if k == FILE:
+        return (local is not None and st.st_size == e.size and st.st_mtime_ns == e.mtime_ns
+                and st.st_ino == local.ino and st.st_ctime_ns == local.ctime_ns)
+    return k == DIR

@@ -1,0 +1,41 @@
+"""Journal + manifest: the durable, sequenced record of every change and the current entry of every path.
+
+The origin appends records (assigning seqs); a replica stores the records it applied with the
+origin's seqs, so either can serve the same feed downstream. Backends implement `Journal`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Protocol
+
+from fleetsync.entry import Entry, Record
+
+
+class Journal(Protocol):
+    """Sequenced change log plus manifest (path -> Entry)."""
+
+    journal_id: str
+
+    def head(self) -> int:
+        """Last sequence number (for a replica: the applied cursor)."""
+
+    def min_seq(self) -> int:
+        """Smallest seq still retained; a feed `after` below min_seq - 1 needs a snapshot resync."""
+
+    def read(self, after: int, limit: int) -> list[Record]:
+        """Records with seq > after, in order, at most limit."""
+
+    def get(self, path: bytes) -> Entry | None:
+        """Manifest entry of path."""
+
+    def paths_with_hash(self, digest: bytes, limit: int = 4) -> list[bytes]:
+        """Some manifest paths whose file content has this hash."""
+
+    def snapshot(self) -> tuple[int, Iterator[tuple[bytes, Entry]]]:
+        """A consistent (seq, entries) view of the manifest."""
+
+
+from fleetsync.journal.sqlite import SqliteJournal  # noqa: E402
+
+__all__ = ["Journal", "SqliteJournal"]

@@ -1,0 +1,375 @@
+"""SQLite (WAL) journal and manifest; the embedded default backend."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+from fleetsync.entry import DELETE, DIR, FILE, LINK, MOVE, PUT, Entry, Record
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS records (
+    seq INTEGER PRIMARY KEY, op TEXT NOT NULL, path BLOB NOT NULL, old BLOB,
+    kind TEXT, mode INTEGER, size INTEGER, mtime INTEGER, hash BLOB, target BLOB, ts REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS manifest (
+    path BLOB PRIMARY KEY, kind TEXT NOT NULL, mode INTEGER NOT NULL, size INTEGER NOT NULL,
+    mtime INTEGER NOT NULL, hash BLOB, target BLOB, ino INTEGER, ctime INTEGER, seq INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS manifest_hash ON manifest(hash) WHERE hash IS NOT NULL;
+CREATE INDEX IF NOT EXISTS manifest_ino ON manifest(ino) WHERE ino IS NOT NULL;
+"""
+
+_ENTRY_COLS = "kind, mode, size, mtime, hash, target"
+
+
+def _entry(row: tuple) -> Entry:
+    kind, mode, size, mtime, h, target = row
+    return Entry(kind, mode, size or 0, mtime or 0, h, target)
+
+
+def _subtree_bounds(path: bytes) -> tuple[bytes, bytes]:
+    """Half-open BLOB range [lo, hi) holding exactly the strict descendants of path."""
+    return path + b"/", path + b"0"
+
+
+@dataclass(frozen=True, slots=True)
+class LocalStat:
+    """Origin-side identity of a file used to skip re-hashing (never sent on the wire)."""
+
+    ino: int
+    ctime_ns: int
+
+
+@dataclass(slots=True)
+class Change:
+    """A change to commit on the origin: the journal assigns its seq."""
+
+    op: str
+    path: bytes
+    entry: Entry | None = None
+    old_path: bytes | None = None
+    local: LocalStat | None = None
+
+
+class SqliteJournal:
+    """Journal + manifest in one SQLite database in WAL mode."""
+
+    def __init__(self, db_path: str, *, durable: bool = True) -> None:
+        os.makedirs(os.path.dirname(os.path.abspath(db_path)), exist_ok=True)
+        self.db_path = db_path
+        self.db = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+        self.db.execute("PRAGMA cache_size=-20000")
+        self.db.executescript(SCHEMA)
+        self._lock = threading.RLock()
+        jid = self.meta("journal_id")
+        if jid is None:
+            jid = uuid.uuid4().hex
+            self.set_meta("journal_id", jid)
+        self.journal_id: str = jid
+        self._head = int(self.meta("head") or 0)
+        self._min = int(self.meta("min_seq") or 1)
+
+    # -- meta ------------------------------------------------------------------------------------
+    def meta(self, key: str) -> str | None:
+        """Read a meta value."""
+        row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        """Write a meta value (autocommit)."""
+        with self._lock:
+            self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+
+    def set_journal_id(self, jid: str) -> None:
+        """Adopt an upstream's journal identity (replicas/relays)."""
+        self.set_meta("journal_id", jid)
+        self.journal_id = jid
+
+    # -- reads -----------------------------------------------------------------------------------
+    def head(self) -> int:
+        """Last sequence number."""
+        return self._head
+
+    def min_seq(self) -> int:
+        """Smallest retained seq."""
+        return self._min
+
+    def read(self, after: int, limit: int) -> list[Record]:
+        """Records after a seq."""
+        rows = self.db.execute(
+            f"SELECT seq, op, path, old, {_ENTRY_COLS}, ts FROM records WHERE seq > ? ORDER BY seq LIMIT ?",
+            (after, limit),
+        ).fetchall()
+        out = []
+        for seq, op, path, old, kind, mode, size, mtime, h, target, ts in rows:
+            e = _entry((kind, mode, size, mtime, h, target)) if kind is not None else None
+            out.append(Record(seq, op, path, e, old, ts))
+        return out
+
+    def record_ts(self, seq: int) -> float | None:
+        """Commit time of the record at seq, if retained."""
+        row = self.db.execute("SELECT ts FROM records WHERE seq=?", (seq,)).fetchone()
+        return row[0] if row else None
+
+    def get(self, path: bytes) -> Entry | None:
+        """Manifest entry of path."""
+        row = self.db.execute(f"SELECT {_ENTRY_COLS} FROM manifest WHERE path=?", (path,)).fetchone()
+        return _entry(row) if row else None
+
+    def get_with_local(self, path: bytes) -> tuple[Entry, LocalStat | None] | None:
+        """Manifest entry plus the origin-local stat identity."""
+        row = self.db.execute(
+            f"SELECT {_ENTRY_COLS}, ino, ctime FROM manifest WHERE path=?", (path,)
+        ).fetchone()
+        if not row:
+            return None
+        local = LocalStat(row[6], row[7]) if row[6] is not None else None
+        return _entry(row[:6]), local
+
+    def children(self, path: bytes) -> list[bytes]:
+        """Direct children names of a directory path in the manifest (b'' is the root)."""
+        if path:
+            lo, hi = _subtree_bounds(path)
+            rows = self.db.execute("SELECT path FROM manifest WHERE path >= ? AND path < ?", (lo, hi))
+            plen = len(lo)
+        else:
+            rows = self.db.execute("SELECT path FROM manifest")
+            plen = 0
+        return [p[plen:] for (p,) in rows if b"/" not in p[plen:]]
+
+    def subtree(self, path: bytes) -> list[tuple[bytes, Entry]]:
+        """Path and all its descendants with entries."""
+        lo, hi = _subtree_bounds(path)
+        rows = self.db.execute(
+            f"SELECT path, {_ENTRY_COLS} FROM manifest WHERE path = ? OR (path >= ? AND path < ?)",
+            (path, lo, hi),
+        ).fetchall()
+        return [(r[0], _entry(r[1:])) for r in rows]
+
+    def paths_with_ino(self, ino: int) -> list[bytes]:
+        """Origin: manifest paths last seen with this inode number (rename detection)."""
+        return [r[0] for r in self.db.execute("SELECT path FROM manifest WHERE ino=? LIMIT 4", (ino,))]
+
+    def paths_with_hash(self, digest: bytes, limit: int = 4) -> list[bytes]:
+        """Paths whose content has this hash."""
+        rows = self.db.execute("SELECT path FROM manifest WHERE hash=? LIMIT ?", (digest, limit))
+        return [r[0] for r in rows]
+
+    def count(self) -> int:
+        """Number of manifest entries."""
+        return self.db.execute("SELECT count(*) FROM manifest").fetchone()[0]
+
+    def iter_local(self) -> Iterator[tuple[bytes, Entry, LocalStat | None]]:
+        """All manifest rows with local stat identity (start-up reconcile)."""
+        cur = self.db.cursor()
+        cur.execute(f"SELECT path, {_ENTRY_COLS}, ino, ctime FROM manifest")
+        while rows := cur.fetchmany(5000):
+            for r in rows:
+                yield r[0], _entry(r[1:7]), (LocalStat(r[7], r[8]) if r[7] is not None else None)
+
+    def snapshot(self) -> tuple[int, Iterator[tuple[bytes, Entry]]]:
+        """A consistent view on a private connection: (seq, iterator over all entries)."""
+        conn = sqlite3.connect(self.db_path, isolation_level=None, check_same_thread=False)
+        conn.execute("BEGIN")
+        seq = int((conn.execute("SELECT value FROM meta WHERE key='head'").fetchone() or ("0",))[0])
+
+        def rows() -> Iterator[tuple[bytes, Entry]]:
+            try:
+                cur = conn.execute(f"SELECT path, {_ENTRY_COLS} FROM manifest ORDER BY path")
+                while batch := cur.fetchmany(2000):
+                    for r in batch:
+                        yield r[0], _entry(r[1:])
+            finally:
+                conn.execute("COMMIT")
+                conn.close()
+
+        return seq, rows()
+
+    # -- writes ----------------------------------------------------------------------------------
+    def commit(self, changes: Iterable[Change], now: float | None = None) -> list[Record]:
+        """Origin: assign seqs to changes, append them and update the manifest in one transaction."""
+        ts = time.time() if now is None else now
+        out: list[Record] = []
+        with self._lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                seq = self._head
+                for ch in changes:
+                    seq += 1
+                    rec = Record(seq, ch.op, ch.path, ch.entry, ch.old_path, ts)
+                    self._append(rec)
+                    self._apply_manifest(rec, ch.local)
+                    out.append(rec)
+                if out:
+                    self._set_head(seq)
+                self.db.execute("COMMIT")
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                self._head = int(self.meta("head") or 0)
+                raise
+        return out
+
+    def update_local(self, path: bytes, local: LocalStat) -> None:
+        """Origin: refresh the stat identity of an unchanged file (no record)."""
+        with self._lock:
+            self.db.execute("UPDATE manifest SET ino=?, ctime=? WHERE path=?", (local.ino, local.ctime_ns, path))
+
+    def apply_records(self, records: list[Record], head: int | None = None) -> None:
+        """Replica: store records applied with the upstream's seqs and advance head, atomically."""
+        with self._lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                for rec in records:
+                    self._append(rec)
+                    self._apply_manifest(rec, None)
+                new_head = head if head is not None else (records[-1].seq if records else self._head)
+                self._set_head(max(new_head, self._head))
+                self.db.execute("COMMIT")
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                self._head = int(self.meta("head") or 0)
+                raise
+
+    def compact(self, keep: int) -> int:
+        """Drop records older than the newest `keep`; returns how many were dropped."""
+        cutoff = self._head - keep
+        if cutoff < self._min:
+            return 0
+        with self._lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            n = self.db.execute("DELETE FROM records WHERE seq <= ?", (cutoff,)).rowcount
+            self._min = cutoff + 1
+            self.db.execute("INSERT OR REPLACE INTO meta VALUES ('min_seq', ?)", (str(self._min),))
+            self.db.execute("COMMIT")
+        return n
+
+    def close(self) -> None:
+        """Close the database."""
+        self.db.close()
+
+    # -- internals -------------------------------------------------------------------------------
+    def _set_head(self, seq: int) -> None:
+        self.db.execute("INSERT OR REPLACE INTO meta VALUES ('head', ?)", (str(seq),))
+        self._head = seq
+
+    def _append(self, rec: Record) -> None:
+        e = rec.entry
+        self.db.execute(
+            "INSERT OR REPLACE INTO records VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            (rec.seq, rec.op, rec.path, rec.old_path,
+             e.kind if e else None, e.mode if e else None, e.size if e else None,
+             e.mtime_ns if e else None, e.hash if e else None, e.target if e else None, rec.ts),
+        )
+
+    def _delete_tree(self, path: bytes) -> None:
+        lo, hi = _subtree_bounds(path)
+        self.db.execute("DELETE FROM manifest WHERE path = ? OR (path >= ? AND path < ?)", (path, lo, hi))
+
+    def _apply_manifest(self, rec: Record, local: LocalStat | None) -> None:
+        if rec.op == DELETE:
+            self._delete_tree(rec.path)
+            return
+        if rec.op == MOVE:
+            old = rec.old_path
+            assert old is not None
+            if old != rec.path:
+                self._delete_tree(rec.path)
+                lo, hi = _subtree_bounds(old)
+                self.db.execute("UPDATE manifest SET path=? WHERE path=?", (rec.path, old))
+                self.db.execute(
+                    "UPDATE manifest SET path = CAST(? || substr(path, ?) AS BLOB) WHERE path >= ? AND path < ?",
+                    (rec.path, len(old) + 1, lo, hi),
+                )
+            if rec.entry is None:
+                return
+        e = rec.entry
+        assert e is not None
+        prev = self.db.execute("SELECT kind FROM manifest WHERE path=?", (rec.path,)).fetchone()
+        if prev and prev[0] == DIR and e.kind != DIR:
+            self._delete_tree(rec.path)
+        if local is None:
+            old_local = self.db.execute("SELECT ino, ctime FROM manifest WHERE path=?", (rec.path,)).fetchone()
+            ino, ctime = (old_local if old_local else (None, None)) if rec.op == MOVE else (None, None)
+        else:
+            ino, ctime = local.ino, local.ctime_ns
+        self.db.execute(
+            "INSERT OR REPLACE INTO manifest VALUES (?,?,?,?,?,?,?,?,?,?)",
+            (rec.path, e.kind, e.mode, e.size if e.kind == FILE else 0, e.mtime_ns if e.kind == FILE else 0,
+             e.hash if e.kind == FILE else None, e.target if e.kind == LINK else None, ino, ctime, rec.seq),
+        )
+
+
+
+
+class SnapshotStage:
+    """A manifest snapshot streamed into the database (bounded memory), then diffed and installed."""
+
+    def __init__(self, journal: SqliteJournal) -> None:
+        self.j = journal
+        db = journal.db
+        db.execute("DROP TABLE IF EXISTS snap")
+        db.execute("CREATE TABLE snap (path BLOB PRIMARY KEY, kind TEXT NOT NULL, mode INTEGER NOT NULL, "
+                   "size INTEGER NOT NULL, mtime INTEGER NOT NULL, hash BLOB, target BLOB) WITHOUT ROWID")
+
+    def add(self, rows: list[tuple[bytes, Entry]]) -> None:
+        """Append snapshot entries."""
+        with self.j._lock:
+            self.j.db.execute("BEGIN")
+            self.j.db.executemany(
+                "INSERT OR REPLACE INTO snap VALUES (?,?,?,?,?,?,?)",
+                ((p, e.kind, e.mode, e.size, e.mtime_ns, e.hash, e.target) for p, e in rows))
+            self.j.db.execute("COMMIT")
+
+    def iter(self) -> Iterator[tuple[bytes, Entry]]:
+        """Entries in path order (parents before children)."""
+        cur = self.j.db.cursor()
+        cur.execute(f"SELECT path, {_ENTRY_COLS} FROM snap ORDER BY path")
+        while rows := cur.fetchmany(2000):
+            for r in rows:
+                yield r[0], _entry(r[1:])
+
+    def contains(self, path: bytes) -> bool:
+        """True if the snapshot has path."""
+        return self.j.db.execute("SELECT 1 FROM snap WHERE path=?", (path,)).fetchone() is not None
+
+    def manifest_extras(self) -> list[bytes]:
+        """Manifest paths absent from the snapshot (to delete), shallowest first."""
+        rows = self.j.db.execute(
+            "SELECT path FROM manifest WHERE path NOT IN (SELECT path FROM snap) ORDER BY path").fetchall()
+        return [r[0] for r in rows]
+
+    def unchanged(self, path: bytes, e: Entry) -> bool:
+        """True if the current manifest already has exactly this entry for path."""
+        return self.j.get(path) == e
+
+    def install(self, seq: int, journal_id: str) -> None:
+        """Make the snapshot the manifest at seq (records before it are gone)."""
+        j = self.j
+        with j._lock:
+            j.db.execute("BEGIN IMMEDIATE")
+            try:
+                j.db.execute("DELETE FROM manifest")
+                j.db.execute("DELETE FROM records")
+                j.db.execute("INSERT INTO manifest SELECT path, kind, mode, size, mtime, hash, target, NULL, NULL, ? "
+                             "FROM snap", (seq,))
+                j.db.execute("DROP TABLE snap")
+                j._set_head(seq)
+                j._min = seq + 1
+                for k, v in (("min_seq", str(j._min)), ("journal_id", journal_id), ("bootstrapped", "1")):
+                    j.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (k, v))
+                j.db.execute("COMMIT")
+            except BaseException:
+                j.db.execute("ROLLBACK")
+                raise
+        j.journal_id = journal_id
+
+
+__all__ = ["SqliteJournal", "SnapshotStage", "Change", "LocalStat", "PUT", "DELETE", "MOVE"]

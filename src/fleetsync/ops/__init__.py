@@ -1,0 +1,1 @@
+"""Operations: status, demo, and tools for operators."""

@@ -1,0 +1,97 @@
+"""The origin process: detector -> indexer -> journal, served over the upstream HTTP API."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+from fleetsync import paths
+from fleetsync.detect.inotify import InotifyDetector
+from fleetsync.index.indexer import Indexer
+from fleetsync.journal.sqlite import SqliteJournal
+from fleetsync.transport.server import ServerState, start_server
+
+log = logging.getLogger("fleetsync.origin")
+
+#: Records retained for followers before compaction (older followers resync from a snapshot).
+DEFAULT_RETAIN = 1_000_000
+
+
+class Origin:
+    """Watches ROOT, journals every change, serves the feed and content."""
+
+    def __init__(self, root: str, state_dir: str, *, settle: float = 0.2, token: str | None = None,
+                 retain: int = DEFAULT_RETAIN, allow_empty: bool = False,
+                 ignore: list[str] | None = None) -> None:
+        if not os.path.isdir(root):
+            raise SystemExit(f"fleetsync origin: root {root!r} is not a directory")
+        self.root = os.path.abspath(root)
+        self.journal = SqliteJournal(os.path.join(state_dir, "origin.db"), durable=True)
+        rules = paths.IgnoreRules(tuple(ignore) if ignore is not None else paths.DEFAULT_IGNORE)
+        self.indexer = Indexer(self.root, self.journal, settle=settle, ignore=rules, allow_empty=allow_empty,
+                               on_commit=self._committed)
+        self.detector = InotifyDetector(self.root)
+        self.retain = retain
+        self.started = time.time()
+        self.server = ServerState(self.journal, self.root, token=token, role="origin",
+                                  extra_status=self._status)
+        self._stop = asyncio.Event()
+
+    def _committed(self, n: int) -> None:
+        self.server.notify()
+
+    def _status(self) -> dict[str, Any]:
+        return {"root": self.root, "pending": self.indexer.busy(), "paused": self.indexer.paused,
+                "entries": self.journal.count(), "detector": self.detector.name,
+                "uptime": round(time.time() - self.started, 1)}
+
+    def stop(self) -> None:
+        """Ask run() to return."""
+        self._stop.set()
+
+    async def run(self, host: str, port: int) -> None:
+        """Start watching and serving; reconcile with the manifest; run until stop()."""
+        first = self.indexer.initial_scan_needed()
+        self.detector.start(self.indexer)
+        self.indexer.drain = self.detector.drain
+        runner = await start_server(self.server, host, port)
+        log.info("origin serving %s on http://%s:%d (journal %s, seq %d)", self.root, host, port,
+                 self.journal.journal_id[:8], self.journal.head())
+        log.info("%s %s", "indexing" if first else "reconciling", self.root)
+        self.indexer.rescan(b"")
+        tasks = [asyncio.create_task(self.indexer.run(self._stop)), asyncio.create_task(self._housekeeping())]
+        try:
+            await self._stop.wait()
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await runner.cleanup()
+            self.detector.close()
+            self.journal.close()
+
+    async def _housekeeping(self) -> None:
+        last = -1
+        while True:
+            await asyncio.sleep(2.0)
+            if self.indexer.scanning and self.indexer.records_written != last:
+                log.info("indexing: %d records written, %d pending", self.indexer.records_written,
+                         len(self.indexer.pending))
+                last = self.indexer.records_written
+            self.journal.compact(self.retain)
+
+
+def run_origin(root: str, state: str, listen: tuple[str, int], **kw: Any) -> None:
+    """Run an origin until SIGINT/SIGTERM."""
+    async def main() -> None:
+        o = Origin(root, state, **kw)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, o.stop)
+        await o.run(*listen)
+
+    asyncio.run(main())

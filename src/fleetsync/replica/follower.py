@@ -1,0 +1,416 @@
+"""The replica: bootstrap from a snapshot, then follow the feed, fetch, verify and apply batches."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import stat
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+from fleetsync import paths
+from fleetsync.entry import DELETE, DIR, FILE, LINK, MOVE, PUT, Entry, Record
+from fleetsync.errors import FleetsyncError, IntegrityError, ResyncNeeded, UnsafePath
+from fleetsync.hashing import hash_bytes
+from fleetsync.journal.sqlite import SnapshotStage, SqliteJournal
+from fleetsync.replica.fsops import ConfinedRoot
+from fleetsync.transport.client import BlobChanged, BlobGone, UpstreamClient
+from fleetsync.transport.wire import BATCH_BLOB_MAX, CHANGED, GONE, OK, TOO_LARGE
+
+log = logging.getLogger("fleetsync.replica")
+
+#: Upper bound of small-blob bytes held in memory for one applied batch.
+BATCH_BYTES = 64 << 20
+FEED_LIMIT = 5000
+
+
+class RetryLater(FleetsyncError):
+    """A transient condition (content changing at the source); retry the batch after a pause."""
+
+
+@dataclass
+class Stats:
+    """Counters a replica reports in its status."""
+
+    batches: int = 0
+    records: int = 0
+    files_written: int = 0
+    files_reused: int = 0
+    bytes_fetched: int = 0
+    bootstraps: int = 0
+
+
+@dataclass
+class _Plan:
+    skip: set[int] = field(default_factory=set)
+    blobs: dict[bytes, bytes] = field(default_factory=dict)
+    gone: set[bytes] = field(default_factory=set)
+    local: dict[bytes, bytes] = field(default_factory=dict)
+
+
+class Replica:
+    """Follows one upstream and keeps `root` equal to it."""
+
+    def __init__(self, root: str, state_dir: str, upstream: str, replica_id: str, *,
+                 token: str | None = None, poll_wait: float = 20.0) -> None:
+        self.fs = ConfinedRoot(root)
+        self.journal = SqliteJournal(os.path.join(state_dir, "replica.db"), durable=False)
+        self.client = UpstreamClient(upstream, replica_id=replica_id, token=token)
+        self.upstream = upstream
+        self.id = replica_id
+        self.poll_wait = poll_wait
+        self.stats = Stats()
+        self.last_error: str | None = None
+        self.last_contact: float = 0.0
+        self.upstream_head = 0
+        self._stop = asyncio.Event()
+        self._sweep = self.journal.meta("inflight") is not None
+        self.on_applied: list[Callable[[], None]] = []
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def stop(self) -> None:
+        """Ask the follow loop to end."""
+        self._stop.set()
+
+    async def close(self) -> None:
+        """Release resources."""
+        await self.client.close()
+        self.journal.close()
+        self.fs.close()
+
+    def status(self) -> dict[str, Any]:
+        """Replica-specific status fields."""
+        return {"upstream": self.upstream, "id": self.id, "upstream_seq": self.upstream_head,
+                "last_error": self.last_error, "last_contact": self.last_contact,
+                "stats": self.stats.__dict__}
+
+    async def run(self) -> None:
+        """Follow the upstream until stop(); errors are logged, reported upstream and retried."""
+        backoff = 0.2
+        while not self._stop.is_set():
+            try:
+                if self.journal.meta("bootstrapped") is None:
+                    await self.resync(bootstrap=True)
+                page = await self.client.feed(self.journal.head(), limit=FEED_LIMIT, wait=self.poll_wait,
+                                              error=self.last_error)
+                self.last_contact = time.time()
+                self.upstream_head = page.head
+                if page.journal_id != self.journal.journal_id:
+                    raise ResyncNeeded(f"upstream {self.upstream} has journal {page.journal_id[:8]}…, "
+                                       f"we follow {self.journal.journal_id[:8]}…")
+                recs = page.records
+                while recs:
+                    n = await self.apply_batch(recs)
+                    recs = recs[n:]
+                self.last_error = None
+                backoff = 0.2
+            except ResyncNeeded as e:
+                log.warning("resync needed: %s", e)
+                try:
+                    await self.resync(bootstrap=False)
+                except Exception as e2:  # noqa: BLE001 - reported and retried
+                    await self._failed(f"resync: {e2}", backoff)
+                    backoff = min(backoff * 2, 5.0)
+            except asyncio.CancelledError:
+                raise
+            except (aiohttp.ClientError, asyncio.TimeoutError, FleetsyncError, OSError) as e:
+                await self._failed(f"{type(e).__name__}: {e}", backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    async def _failed(self, msg: str, delay: float) -> None:
+        if msg != self.last_error:
+            log.error("replica %s: %s", self.id, msg)
+        self.last_error = msg
+        try:
+            await asyncio.wait_for(self._stop.wait(), delay * (0.5 + random.random()))
+        except asyncio.TimeoutError:
+            pass
+
+    # -- bootstrap / resync ----------------------------------------------------------------------
+    async def resync(self, *, bootstrap: bool) -> None:
+        """Make the tree equal to the upstream's manifest snapshot (diff, not re-download)."""
+        jid, seq, entries = await self.client.snapshot()
+        log.info("%s from %s at seq %d", "bootstrapping" if bootstrap else "resyncing", self.upstream, seq)
+        stage = SnapshotStage(self.journal)
+        buf: list[tuple[bytes, Entry]] = []
+        n = 0
+        async for p, e in entries:
+            buf.append((p, e))
+            if len(buf) >= 5000:
+                stage.add(buf)
+                n += len(buf)
+                buf = []
+        stage.add(buf)
+        n += len(buf)
+        fresh = bootstrap and self.journal.count() == 0
+        pending: list[tuple[bytes, Entry]] = []
+        pending_bytes = 0
+        for p, e in stage.iter():
+            if not fresh and stage.unchanged(p, e) and self._looks_applied(p, e):
+                continue
+            if e.kind == FILE:
+                if self._settle_local_file(p, e):
+                    continue
+                pending.append((p, e))
+                pending_bytes += min(e.size, BATCH_BLOB_MAX)
+                if pending_bytes >= BATCH_BYTES or len(pending) >= 5000:
+                    await self._fetch_and_write(pending)
+                    pending, pending_bytes = [], 0
+            elif e.kind == DIR:
+                self.fs.put_dir(p, e)
+            else:
+                self.fs.put_link(p, e)
+        await self._fetch_and_write(pending)
+        # Deletions last, after the new content is in place.
+        if fresh:
+            extras = [p for p, _ in self.fs.walk() if not paths.IgnoreRules(()).ignored(p) and not stage.contains(p)]
+        else:
+            extras = stage.manifest_extras()
+        for p in sorted(extras):
+            if not stage.contains(p):
+                self.fs.delete(p)
+        self.fs.sync()
+        stage.install(seq, jid)
+        self.stats.bootstraps += 1
+        log.info("synchronized with %s at seq %d (%d entries)", self.upstream, seq, n)
+
+    def _looks_applied(self, p: bytes, e: Entry) -> bool:
+        st = self.fs.lstat(p)
+        if st is None:
+            return False
+        if e.kind == FILE:
+            return stat.S_ISREG(st.st_mode) and st.st_size == e.size and st.st_mtime_ns == e.mtime_ns \
+                and stat.S_IMODE(st.st_mode) == e.mode
+        if e.kind == DIR:
+            return stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) == e.mode
+        return stat.S_ISLNK(st.st_mode)
+
+    def _settle_local_file(self, p: bytes, e: Entry) -> bool:
+        """Use content already on disk (at p, or elsewhere by hash); True if p is now correct."""
+        if self.fs.matches(p, e):
+            self.fs.set_attrs(p, e)
+            self.stats.files_reused += 1
+            return True
+        for src in self.journal.paths_with_hash(e.hash):
+            if src != p and self.fs.copy_file(src, p, e):
+                self.stats.files_reused += 1
+                return True
+        return False
+
+    async def _fetch_and_write(self, items: list[tuple[bytes, Entry]]) -> None:
+        """Fetch content for (path, entry) pairs and place it; gone content is skipped."""
+        if not items:
+            return
+        small = {e.hash: e for _, e in items if e.size <= BATCH_BLOB_MAX}
+        got: dict[bytes, bytes] = {}
+        gone: set[bytes] = set()
+        if small:
+            got, gone, large = await self._fetch_small(small)
+        else:
+            large = set()
+        for p, e in items:
+            if e.hash in got:
+                self.fs.write_file(p, got[e.hash], e)
+                self.stats.files_written += 1
+            elif e.hash in gone:
+                continue
+            else:
+                await self._fetch_large(p, e)
+
+    async def _fetch_small(self, want: dict[bytes, Entry]) -> tuple[dict[bytes, bytes], set[bytes], set[bytes]]:
+        got: dict[bytes, bytes] = {}
+        gone: set[bytes] = set()
+        large: set[bytes] = set()
+        changed = 0
+        async for digest, status, data in self.client.blobs(list(want)):
+            if status == OK:
+                e = want[digest]
+                if len(data) != e.size or hash_bytes(data) != digest:
+                    raise IntegrityError(f"fetching blob {digest.hex()[:12]}… from {self.upstream}: hash mismatch")
+                got[digest] = data
+                self.stats.bytes_fetched += len(data)
+            elif status == GONE:
+                gone.add(digest)
+            elif status == TOO_LARGE:
+                large.add(digest)
+            elif status == CHANGED:
+                changed += 1
+        if changed:
+            raise RetryLater(f"{changed} blob(s) changed at {self.upstream} since they were recorded; retrying")
+        return got, gone, large
+
+    async def _fetch_large(self, p: bytes, e: Entry) -> bool:
+        """Stream one blob into a temp file next to p and rename it in; False if gone upstream."""
+        assert e.hash is not None
+        dfd, tmp, fd = self.fs.open_temp(p)
+        try:
+            before = self.client.bytes_received
+            await self.client.blob_to_fd(e.hash, e.size, fd)
+            self.stats.bytes_fetched += self.client.bytes_received - before
+        except BlobGone:
+            self.fs.abort_temp(dfd, tmp, fd)
+            return False
+        except BlobChanged as err:
+            self.fs.abort_temp(dfd, tmp, fd)
+            raise RetryLater(str(err)) from err
+        except BaseException:
+            self.fs.abort_temp(dfd, tmp, fd)
+            raise
+        self.fs.commit_temp(p, dfd, tmp, fd, e)
+        self.stats.files_written += 1
+        return True
+
+    # -- steady state ----------------------------------------------------------------------------
+    def _cut(self, records: list[Record]) -> list[Record]:
+        total = 0
+        for i, r in enumerate(records):
+            if r.op == PUT and r.entry is not None and r.entry.kind == FILE:
+                total += min(r.entry.size, BATCH_BLOB_MAX)
+                if total > BATCH_BYTES and i > 0:
+                    return records[:i]
+        return records
+
+    def _plan(self, recs: list[Record]) -> _Plan:
+        plan = _Plan()
+        overwritten: set[bytes] = set()
+        moves: list[tuple[int, bytes, bytes]] = []
+        for i in range(len(recs) - 1, -1, -1):
+            r = recs[i]
+            if r.op == MOVE:
+                overwritten.clear()
+                assert r.old_path is not None
+                moves.append((i, r.old_path, r.path))
+                continue
+            if r.op == PUT and r.entry is not None and r.entry.kind == FILE and r.path in overwritten:
+                plan.skip.add(i)
+            overwritten.add(r.path)
+        moves.reverse()
+        for i, r in enumerate(recs):
+            e = r.entry
+            if i in plan.skip or e is None or e.kind != FILE or e.hash in plan.local:
+                continue
+            # Where could this content already sit on disk? Its own path, where later moves take it,
+            # or any path the manifest says holds the same hash.
+            cands = [r.path]
+            cur = r.path
+            for j, old, new in moves:
+                if j > i and paths.is_under(cur, old):
+                    cur = paths.rebase(cur, old, new)
+                    cands.append(cur)
+            for c in cands:
+                if self.fs.matches(c, e):
+                    plan.local[e.hash] = c
+                    break
+            else:
+                for c in self.journal.paths_with_hash(e.hash):
+                    m = self.journal.get(c)
+                    st = self.fs.lstat(c)
+                    if m and st and stat.S_ISREG(st.st_mode) and st.st_size == m.size and st.st_mtime_ns == m.mtime_ns:
+                        plan.local[e.hash] = c
+                        break
+        return plan
+
+    async def apply_batch(self, records: list[Record]) -> int:
+        """Apply a prefix of records durably; returns how many were applied."""
+        recs = self._cut(records)
+        if self._sweep:
+            for d in {paths.parent(p) for r in recs for p in (r.path, r.old_path) if p}:
+                self.fs.sweep_temps(d)
+            self._sweep = False
+        self.journal.set_meta("inflight", f"{recs[0].seq}-{recs[-1].seq}")
+        plan = self._plan(recs)
+        want = {}
+        for i, r in enumerate(recs):
+            e = r.entry
+            if (i not in plan.skip and e is not None and e.kind == FILE and e.hash not in plan.local
+                    and e.size <= BATCH_BLOB_MAX and not self._unchanged_on_disk(r)):
+                want[e.hash] = e
+        if want:
+            plan.blobs, plan.gone, _ = await self._fetch_small(want)
+        moved = False
+        for i, r in enumerate(recs):
+            if i in plan.skip:
+                continue
+            try:
+                moved |= await self._apply_one(r, plan, moved)
+            except UnsafePath as e:
+                raise FleetsyncError(f"applying record {r.seq} ({r.op} {r.path[:80]!r}): {e}") from e
+        self.fs.sync()
+        self.journal.apply_records(recs)
+        self.journal.db.execute("DELETE FROM meta WHERE key='inflight'")
+        self.stats.batches += 1
+        self.stats.records += len(recs)
+        for cb in self.on_applied:
+            cb()
+        return len(recs)
+
+    def _unchanged_on_disk(self, r: Record) -> bool:
+        """Manifest says path already has this content and the disk agrees (a mode/mtime-only change)."""
+        e = r.entry
+        assert e is not None
+        m = self.journal.get(r.path)
+        if m is None or m.kind != FILE or m.hash != e.hash:
+            return False
+        st = self.fs.lstat(r.path)
+        return bool(st and stat.S_ISREG(st.st_mode) and st.st_size == m.size and st.st_mtime_ns == m.mtime_ns)
+
+    async def _apply_one(self, r: Record, plan: _Plan, moved: bool) -> bool:
+        """Apply one record; returns True if it moved something (manifest shortcuts no longer hold)."""
+        e = r.entry
+        if r.op == DELETE:
+            self.fs.delete(r.path)
+            return False
+        if r.op == MOVE:
+            assert r.old_path is not None
+            if self.fs.lstat(r.old_path) is not None:
+                self.fs.rename(r.old_path, r.path)
+                if e is not None and e.kind in (FILE, DIR):
+                    self.fs.set_attrs(r.path, e)
+                return True
+            have = self.fs.kind(r.path)
+            if e is None or have == e.kind:
+                if e is not None and e.kind != LINK:
+                    self.fs.set_attrs(r.path, e)
+                return True
+            if e.kind == DIR:
+                raise ResyncNeeded(f"move {r.old_path[:80]!r} -> {r.path[:80]!r}: source directory missing")
+            await self._put(r.path, e, plan, moved)
+            return True
+        assert e is not None
+        await self._put(r.path, e, plan, moved)
+        return False
+
+    async def _put(self, p: bytes, e: Entry, plan: _Plan, moved: bool) -> None:
+        if e.kind == DIR:
+            self.fs.put_dir(p, e)
+            return
+        if e.kind == LINK:
+            self.fs.put_link(p, e)
+            return
+        assert e.hash is not None
+        if e.hash in plan.gone:
+            return
+        if not moved and self._unchanged_on_disk(Record(0, PUT, p, e)):
+            self.fs.set_attrs(p, e)
+            return
+        src = plan.local.get(e.hash)
+        if src == p and self.fs.matches(p, e):
+            self.fs.set_attrs(p, e)
+            self.stats.files_reused += 1
+            return
+        data = plan.blobs.get(e.hash)
+        if data is not None:
+            self.fs.write_file(p, data, e)
+            self.stats.files_written += 1
+            return
+        if src is not None and self.fs.copy_file(src, p, e):
+            self.stats.files_reused += 1
+            return
+        if not await self._fetch_large(p, e):
+            plan.gone.add(e.hash)

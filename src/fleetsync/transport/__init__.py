@@ -1,0 +1,1 @@
+"""Transport: the upstream HTTP API (server) and its client."""

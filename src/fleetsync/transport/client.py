@@ -1,0 +1,170 @@
+"""HTTP client for an upstream (origin or relay): feed, blobs, snapshot, status."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+from fleetsync import paths
+from fleetsync.entry import Entry, Record
+from fleetsync.errors import FleetsyncError, IntegrityError, ResyncNeeded
+from fleetsync.hashing import new_hasher
+from fleetsync.transport.wire import API, BATCH_MAX_HASHES, HEADER, OK, STATUS_NAMES
+
+
+@dataclass(slots=True)
+class FeedPage:
+    """One page of the change feed."""
+
+    journal_id: str
+    head: int
+    min_seq: int
+    records: list[Record]
+
+
+class UpstreamClient:
+    """Talks to one upstream over HTTP; counts payload bytes received."""
+
+    def __init__(self, base_url: str, *, replica_id: str = "", token: str | None = None,
+                 timeout: float = 60.0) -> None:
+        self.base = base_url.rstrip("/")
+        self.replica_id = replica_id
+        headers = {"X-Fleetsync-Replica": replica_id}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        self._session = aiohttp.ClientSession(
+            headers=headers,
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=timeout),
+            auto_decompress=False,
+        )
+        self.bytes_received = 0
+
+    async def close(self) -> None:
+        """Close connections."""
+        await self._session.close()
+
+    def _where(self, what: str) -> str:
+        return f"{what} from {self.base}"
+
+    async def _check(self, resp: aiohttp.ClientResponse, what: str) -> None:
+        if resp.status >= 400:
+            body = (await resp.text())[:300]
+            raise FleetsyncError(f"{self._where(what)}: HTTP {resp.status}: {body}")
+
+    async def status(self) -> dict[str, Any]:
+        """GET /v1/status."""
+        async with self._session.get(self.base + API + "/status") as resp:
+            await self._check(resp, "status")
+            return await resp.json()
+
+    async def feed(self, after: int, *, limit: int = 2000, wait: float = 20.0, applied: int | None = None,
+                   error: str | None = None) -> FeedPage:
+        """Long-poll the change feed for records after `after`."""
+        params: dict[str, str] = {"after": str(after), "limit": str(limit), "wait": str(wait),
+                                  "replica": self.replica_id, "applied": str(applied if applied is not None else after)}
+        if error:
+            params["error"] = error[:300]
+        async with self._session.get(self.base + API + "/feed", params=params) as resp:
+            if resp.status == 410:
+                body = await resp.json()
+                raise ResyncNeeded(f"{self._where('feed')}: {body.get('error')} (min_seq {body.get('min_seq')})")
+            await self._check(resp, f"feed after {after}")
+            body = await resp.json()
+        try:
+            recs = [Record.from_wire(r) for r in body["records"]]
+            page = FeedPage(str(body["journal_id"]), int(body["head"]), int(body["min_seq"]), recs)
+        except (KeyError, TypeError, ValueError) as e:
+            raise FleetsyncError(f"{self._where('feed')}: malformed response: {e}") from e
+        prev = after
+        for r in recs:
+            if r.seq <= prev:
+                raise FleetsyncError(f"{self._where('feed')}: records out of order at seq {r.seq}")
+            prev = r.seq
+        return page
+
+    async def blobs(self, digests: list[bytes]) -> AsyncIterator[tuple[bytes, int, bytes]]:
+        """Fetch many small blobs in one stream; yields (digest, status, data) in request order."""
+        for i in range(0, len(digests), BATCH_MAX_HASHES):
+            chunk = digests[i:i + BATCH_MAX_HASHES]
+            body = json.dumps({"hashes": [d.hex() for d in chunk]})
+            async with self._session.post(self.base + API + "/blobs", data=body,
+                                          headers={"Content-Type": "application/json"}) as resp:
+                await self._check(resp, f"blob batch of {len(chunk)}")
+                for want in chunk:
+                    hdr = await resp.content.readexactly(HEADER.size)
+                    digest, status, length = HEADER.unpack(hdr)
+                    if digest != want:
+                        raise FleetsyncError(f"{self._where('blob batch')}: frame for {digest.hex()[:12]}… "
+                                             f"where {want.hex()[:12]}… was expected")
+                    data = await resp.content.readexactly(length) if length else b""
+                    self.bytes_received += length
+                    yield digest, status, data
+
+    async def blob_to_fd(self, digest: bytes, size: int, fd: int) -> None:
+        """Stream one large blob into fd (resuming with Range from the fd's size) and verify its hash."""
+        h = new_hasher()
+        have = os.lseek(fd, 0, os.SEEK_END)
+        if have:
+            os.lseek(fd, 0, os.SEEK_SET)
+            while chunk := os.read(fd, 1 << 20):
+                h.update(chunk)
+        headers = {"Range": f"bytes={have}-"} if have else {}
+        url = f"{self.base}{API}/blob/{digest.hex()}"
+        async with self._session.get(url, headers=headers) as resp:
+            if resp.status == 404:
+                raise BlobGone(f"{self._where('blob ' + digest.hex()[:12] + '…')}: gone")
+            if resp.status == 409:
+                raise BlobChanged(f"{self._where('blob ' + digest.hex()[:12] + '…')}: changed at the source")
+            await self._check(resp, f"blob {digest.hex()[:12]}…")
+            if have and resp.status != 206:
+                os.ftruncate(fd, 0)
+                os.lseek(fd, 0, os.SEEK_SET)
+                h = new_hasher()
+            async for chunk in resp.content.iter_chunked(1 << 20):
+                h.update(chunk)
+                os.write(fd, chunk)
+                self.bytes_received += len(chunk)
+        if os.lseek(fd, 0, os.SEEK_CUR) != size or h.digest() != digest:
+            raise IntegrityError(f"fetching blob {digest.hex()[:12]}… from {self.base}: hash mismatch")
+
+    async def snapshot(self) -> tuple[str, int, AsyncIterator[tuple[bytes, Entry]]]:
+        """Open the manifest snapshot: (journal_id, seq, async iterator of (path, entry))."""
+        resp = await self._session.get(self.base + API + "/snapshot")
+        await self._check(resp, "snapshot")
+        first = json.loads(await resp.content.readline())
+        jid, seq = str(first["journal_id"]), int(first["seq"])
+
+        async def entries() -> AsyncIterator[tuple[bytes, Entry]]:
+            try:
+                count = 0
+                while True:
+                    line = await resp.content.readline()
+                    if not line:
+                        raise FleetsyncError(f"{self._where('snapshot')}: truncated after {count} entries")
+                    d = json.loads(line)
+                    if d.get("end"):
+                        if d.get("count") != count:
+                            raise FleetsyncError(f"{self._where('snapshot')}: count mismatch")
+                        return
+                    count += 1
+                    yield paths.decode_checked(d["p"]), Entry.from_wire(d["e"])
+            finally:
+                resp.release()
+
+        return jid, seq, entries()
+
+
+class BlobGone(FleetsyncError):
+    """The upstream no longer holds this content (a later record supersedes it)."""
+
+
+class BlobChanged(FleetsyncError):
+    """The upstream's file changed since it was recorded; retry later."""
+
+
+__all__ = ["UpstreamClient", "FeedPage", "BlobGone", "BlobChanged", "OK", "STATUS_NAMES"]

@@ -1,0 +1,351 @@
+"""The upstream HTTP API served by an origin and by every replica (so replicas can relay).
+
+Endpoints (docs/protocol.md): feed (long-poll), batched blobs, single blob with Range, manifest
+snapshot, status. Content is looked up by hash in the manifest and read through a ConfinedRoot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import os
+import stat
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from fleetsync import paths
+from fleetsync.entry import Entry
+from fleetsync.errors import UnsafePath
+from fleetsync.hashing import hash_bytes
+from fleetsync.journal.sqlite import SqliteJournal
+from fleetsync.replica.fsops import ConfinedRoot
+from fleetsync.transport.wire import API, BATCH_BLOB_MAX, BATCH_MAX_HASHES, CHANGED, GONE, OK, TOO_LARGE, frame_header
+
+log = logging.getLogger("fleetsync.server")
+FEED_MAX_LIMIT = 10000
+FEED_MAX_WAIT = 60.0
+READ_GROUP = 64
+
+
+@dataclass(slots=True)
+class Follower:
+    """What an upstream knows about one downstream replica."""
+
+    id: str
+    applied_seq: int = 0
+    last_contact: float = 0.0
+    last_error: str | None = None
+    bytes_sent: int = 0
+    addr: str | None = None
+
+
+@dataclass
+class ServerState:
+    """Shared state of an API server."""
+
+    journal: SqliteJournal
+    root: str
+    token: str | None = None
+    role: str = "origin"
+    extra_status: Callable[[], dict[str, Any]] = field(default=lambda: {})
+    followers: dict[str, Follower] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._changed = asyncio.Event()
+        self._reader = ConfinedRoot(self.root, cache=False)
+
+    def notify(self) -> None:
+        """Wake long-polling feed requests (call after committing records)."""
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def wait_change(self, timeout: float) -> None:
+        """Wait until notify() or timeout."""
+        try:
+            await asyncio.wait_for(self._changed.wait(), timeout)
+        except asyncio.TimeoutError:
+            pass
+
+    def follower(self, rid: str, addr: str | None = None) -> Follower:
+        """The record of a downstream replica, created on first contact."""
+        f = self.followers.get(rid)
+        if f is None:
+            f = self.followers[rid] = Follower(rid)
+        f.last_contact = time.time()
+        if addr:
+            f.addr = addr
+        return f
+
+    # -- content ---------------------------------------------------------------------------------
+    def read_small(self, digest: bytes) -> tuple[int, bytes]:
+        """Read a small blob by hash from the tree, verified: (status, data)."""
+        cands = self.journal.paths_with_hash(digest)
+        if not cands:
+            return GONE, b""
+        status = GONE
+        for p in cands:
+            e = self.journal.get(p)
+            if e is None or e.hash != digest:
+                continue
+            if e.size > BATCH_BLOB_MAX:
+                return TOO_LARGE, b""
+            try:
+                fd = self._reader.open_read(p)
+            except (OSError, UnsafePath):
+                status = CHANGED
+                continue
+            try:
+                data = os.read(fd, e.size + 1)
+                while len(data) < e.size + 1:
+                    more = os.read(fd, e.size + 1 - len(data))
+                    if not more:
+                        break
+                    data += more
+            finally:
+                os.close(fd)
+            if len(data) == e.size and hash_bytes(data) == digest:
+                return OK, data
+            status = CHANGED
+        return status, b""
+
+    def open_blob(self, digest: bytes) -> tuple[int, Entry, int] | tuple[int, None, None]:
+        """Open a blob for streaming: (status, entry, fd) with size/mtime checked against the manifest."""
+        cands = self.journal.paths_with_hash(digest)
+        status = GONE
+        for p in cands:
+            e = self.journal.get(p)
+            if e is None or e.hash != digest:
+                continue
+            try:
+                fd = self._reader.open_read(p)
+            except (OSError, UnsafePath):
+                status = CHANGED
+                continue
+            st = os.fstat(fd)
+            if stat.S_ISREG(st.st_mode) and st.st_size == e.size and st.st_mtime_ns == e.mtime_ns:
+                return OK, e, fd
+            os.close(fd)
+            status = CHANGED
+        return status, None, None
+
+
+def _auth_middleware(state: ServerState) -> Any:
+    @web.middleware
+    async def mw(request: web.Request, handler: Any) -> web.StreamResponse:
+        if state.token:
+            got = request.headers.get("Authorization", "")
+            if not hmac.compare_digest(got.encode(), f"Bearer {state.token}".encode()):
+                return _error(401, "missing or wrong token (Authorization: Bearer …)")
+        return await handler(request)
+
+    return mw
+
+
+def _error(status: int, msg: str, **extra: Any) -> web.Response:
+    return web.json_response({"error": msg, **extra}, status=status)
+
+
+def _int_param(request: web.Request, name: str, default: int | None = None) -> int:
+    raw = request.query.get(name)
+    if raw is None:
+        if default is None:
+            raise web.HTTPBadRequest(text=json.dumps({"error": f"missing query parameter {name!r}"}),
+                                     content_type="application/json")
+        return default
+    try:
+        v = int(raw)
+    except ValueError:
+        raise web.HTTPBadRequest(text=json.dumps({"error": f"query parameter {name!r} must be an integer"}),
+                                 content_type="application/json") from None
+    if v < 0:
+        raise web.HTTPBadRequest(text=json.dumps({"error": f"query parameter {name!r} must be >= 0"}),
+                                 content_type="application/json")
+    return v
+
+
+def build_app(state: ServerState) -> web.Application:
+    """The aiohttp application for an upstream API."""
+    app = web.Application(middlewares=[_auth_middleware(state)], client_max_size=4 << 20)
+    j = state.journal
+
+    async def feed(request: web.Request) -> web.Response:
+        after = _int_param(request, "after")
+        limit = min(max(_int_param(request, "limit", 1000), 1), FEED_MAX_LIMIT)
+        try:
+            wait = min(max(float(request.query.get("wait", "0")), 0.0), FEED_MAX_WAIT)
+        except ValueError:
+            return _error(400, "query parameter 'wait' must be a number")
+        rid = request.query.get("replica") or request.headers.get("X-Fleetsync-Replica")
+        if rid:
+            f = state.follower(rid[:200], request.remote)
+            f.applied_seq = _int_param(request, "applied", after)
+            f.last_error = request.query.get("error") or None
+        if after < j.min_seq() - 1:
+            return _error(410, "behind the retained journal; resync from /v1/snapshot",
+                          min_seq=j.min_seq(), journal_id=j.journal_id)
+        deadline = time.monotonic() + wait
+        recs = j.read(after, limit)
+        while not recs and time.monotonic() < deadline:
+            await state.wait_change(deadline - time.monotonic())
+            recs = j.read(after, limit)
+            if rid:
+                state.follower(rid[:200])
+        return web.json_response({
+            "journal_id": j.journal_id, "head": j.head(), "min_seq": j.min_seq(),
+            "records": [r.to_wire() for r in recs],
+        })
+
+    async def blobs(request: web.Request) -> web.StreamResponse:
+        try:
+            body = await request.json()
+            digests = [bytes.fromhex(h) for h in body["hashes"]]
+        except (ValueError, KeyError, TypeError):
+            return _error(400, "body must be JSON {\"hashes\": [hex, …]}")
+        if len(digests) > BATCH_MAX_HASHES or any(len(d) != 32 for d in digests):
+            return _error(400, f"at most {BATCH_MAX_HASHES} hashes of 32 bytes each")
+        rid = request.headers.get("X-Fleetsync-Replica")
+        f = state.follower(rid[:200]) if rid else None
+        resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+        await resp.prepare(request)
+        loop = asyncio.get_running_loop()
+        for i in range(0, len(digests), READ_GROUP):
+            group = digests[i:i + READ_GROUP]
+            results = await loop.run_in_executor(None, lambda g=group: [state.read_small(d) for d in g])
+            parts = []
+            for d, (st, data) in zip(group, results):
+                parts.append(frame_header(d, st, len(data)))
+                parts.append(data)
+                if f is not None:
+                    f.bytes_sent += len(data)
+            await resp.write(b"".join(parts))
+        await resp.write_eof()
+        return resp
+
+    async def blob(request: web.Request) -> web.StreamResponse:
+        try:
+            digest = bytes.fromhex(request.match_info["digest"])
+            if len(digest) != 32:
+                raise ValueError
+        except ValueError:
+            return _error(400, "blob id must be 64 hex digits")
+        status, e, fd = await asyncio.get_running_loop().run_in_executor(None, state.open_blob, digest)
+        if status == GONE:
+            return _error(404, f"blob {digest.hex()[:12]}… is not in the manifest (superseded)")
+        if status == CHANGED or fd is None or e is None:
+            return _error(409, f"blob {digest.hex()[:12]}…: the file changed since it was recorded")
+        rid = request.headers.get("X-Fleetsync-Replica")
+        f = state.follower(rid[:200]) if rid else None
+        try:
+            start, end = 0, e.size
+            try:
+                rng = request.http_range
+            except ValueError:
+                return _error(416, "bad Range header")
+            if rng.start is not None or rng.stop is not None:
+                start = rng.start or 0
+                end = min(rng.stop if rng.stop is not None else e.size, e.size)
+                if start < 0:
+                    start = max(e.size + start, 0)
+                if start > e.size:
+                    return _error(416, f"range starts beyond {e.size} bytes")
+            status_code = 206 if (start, end) != (0, e.size) else 200
+            headers = {"Content-Type": "application/octet-stream", "Accept-Ranges": "bytes",
+                       "Content-Length": str(end - start)}
+            if status_code == 206:
+                headers["Content-Range"] = f"bytes {start}-{max(end - 1, start)}/{e.size}"
+            resp = web.StreamResponse(status=status_code, headers=headers)
+            await resp.prepare(request)
+            loop = asyncio.get_running_loop()
+            pos = start
+            while pos < end:
+                chunk = await loop.run_in_executor(None, os.pread, fd, min(1 << 20, end - pos), pos)
+                if not chunk:
+                    break
+                await resp.write(chunk)
+                pos += len(chunk)
+                if f is not None:
+                    f.bytes_sent += len(chunk)
+            await resp.write_eof()
+            return resp
+        finally:
+            os.close(fd)
+
+    async def snapshot(request: web.Request) -> web.StreamResponse:
+        loop = asyncio.get_running_loop()
+        seq, it = await loop.run_in_executor(None, j.snapshot)
+        resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        await resp.prepare(request)
+        await resp.write(json.dumps({"journal_id": j.journal_id, "seq": seq}).encode() + b"\n")
+
+        def chunk() -> tuple[bytes, int]:
+            lines = []
+            for p, e in it:
+                lines.append(json.dumps({"p": paths.encode(p), "e": e.to_wire()}))
+                if len(lines) >= 2000:
+                    break
+            return ("\n".join(lines) + "\n").encode() if lines else b"", len(lines)
+
+        count = 0
+        while True:
+            data, n = await loop.run_in_executor(None, chunk)
+            if not n:
+                break
+            count += n
+            await resp.write(data)
+        await resp.write(json.dumps({"end": True, "count": count}).encode() + b"\n")
+        await resp.write_eof()
+        return resp
+
+    async def status(request: web.Request) -> web.Response:
+        return web.json_response(status_doc(state))
+
+    app.router.add_get(API + "/feed", feed)
+    app.router.add_post(API + "/blobs", blobs)
+    app.router.add_get(API + "/blob/{digest}", blob)
+    app.router.add_get(API + "/snapshot", snapshot)
+    app.router.add_get(API + "/status", status)
+    return app
+
+
+def status_doc(state: ServerState) -> dict[str, Any]:
+    """The /v1/status document."""
+    j = state.journal
+    head = j.head()
+    now = time.time()
+    reps = []
+    for f in sorted(state.followers.values(), key=lambda f: f.id):
+        lag = max(head - f.applied_seq, 0)
+        lag_s = 0.0
+        if lag:
+            ts = j.record_ts(f.applied_seq + 1)
+            lag_s = round(max(now - ts, 0.0), 3) if ts else None
+        reps.append({"id": f.id, "applied_seq": f.applied_seq, "lag_records": lag, "lag_seconds": lag_s,
+                     "last_contact": f.last_contact, "last_error": f.last_error, "bytes_sent": f.bytes_sent,
+                     "addr": f.addr})
+    doc: dict[str, Any] = {"role": state.role, "journal_id": j.journal_id, "seq": head, "min_seq": j.min_seq(),
+                           "time": now, "replicas": reps}
+    doc.update(state.extra_status())
+    return doc
+
+
+async def start_server(state: ServerState, host: str, port: int) -> web.AppRunner:
+    """Start serving the API on host:port; returns the runner (call .cleanup() to stop)."""
+    runner = web.AppRunner(build_app(state), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, reuse_address=True)
+    await site.start()
+    return runner
+
+
+def parse_listen(addr: str) -> tuple[str, int]:
+    """Parse HOST:PORT (IPv6 as [::1]:PORT)."""
+    host, sep, port = addr.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"listen address {addr!r} must be HOST:PORT")
+    return host.strip("[]") or "0.0.0.0", int(port)

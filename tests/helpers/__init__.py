@@ -1,0 +1,1 @@
+"""Test helpers for fleetsync end-to-end tests: real processes, real sockets, real files."""
