@@ -72,6 +72,7 @@ class Indexer:
         self._root_id = (st.st_dev, st.st_ino)
         self._wake = asyncio.Event()
         self._shadow: dict[bytes, Entry | None] = {}
+        self._inflight = 0
         self.records_written = 0
 
     # -- HintSink --------------------------------------------------------------------------------
@@ -209,7 +210,7 @@ class Indexer:
     # -- processing ------------------------------------------------------------------------------
     def busy(self) -> int:
         """Changes seen but not yet committed (status `pending`)."""
-        return len(self.pending) + len(self._moves) + self.scanning
+        return len(self.pending) + len(self._moves) + self.scanning + self._inflight
 
     async def run(self, stop: asyncio.Event) -> None:
         """Process settled hints until stop is set."""
@@ -271,12 +272,16 @@ class Indexer:
         self._commit(self._move_changes(moves))
         for p in ready:
             del self.pending[p]
-        loop = asyncio.get_running_loop()
-        obs = await loop.run_in_executor(None, self._observe, sorted(ready))
-        # Anything touched again while we were hashing is not settled: drop the result, keep the hint.
-        self.drain()
-        obs = [o for o in obs if o.path not in self.pending or self.pending[o.path].removed]
-        self._commit(self._changes(obs))
+        self._inflight = len(ready)
+        try:
+            loop = asyncio.get_running_loop()
+            obs = await loop.run_in_executor(None, self._observe, sorted(ready))
+            # Anything touched again while we were hashing is not settled: drop the result, keep the hint.
+            self.drain()
+            obs = [o for o in obs if o.path not in self.pending]
+            self._commit(self._changes(obs))
+        finally:
+            self._inflight = 0
         return 0.0 if len(ready) >= BATCH else delay
 
     def _commit(self, changes: list[Change]) -> None:

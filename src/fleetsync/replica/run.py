@@ -19,8 +19,12 @@ def run_replica(root: str, state: str, upstream: str, replica_id: str, listen: t
     async def main() -> None:
         r = Replica(root, state, upstream, replica_id, **kw)
         loop = asyncio.get_running_loop()
+        def stop() -> None:
+            r.stop()
+            follow.cancel()
+
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, r.stop)
+            loop.add_signal_handler(sig, stop)
         runner = None
         if listen is not None:
             srv = ServerState(r.journal, root, role="replica", extra_status=r.status)
@@ -28,8 +32,11 @@ def run_replica(root: str, state: str, upstream: str, replica_id: str, listen: t
             runner = await start_server(srv, *listen)
             log.info("replica %s serving relay API on http://%s:%d", replica_id, *listen)
         log.info("replica %s following %s into %s (applied seq %d)", replica_id, upstream, root, r.journal.head())
+        follow = asyncio.create_task(r.run())
         try:
-            await r.run()
+            await follow
+        except asyncio.CancelledError:
+            pass
         finally:
             if runner is not None:
                 await runner.cleanup()

@@ -336,7 +336,7 @@ def status_doc(state: ServerState) -> dict[str, Any]:
 
 async def start_server(state: ServerState, host: str, port: int) -> web.AppRunner:
     """Start serving the API on host:port; returns the runner (call .cleanup() to stop)."""
-    runner = web.AppRunner(build_app(state), access_log=None)
+    runner = web.AppRunner(build_app(state), access_log=None, shutdown_timeout=1.0)
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_address=True)
     await site.start()
