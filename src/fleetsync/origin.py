@@ -10,9 +10,12 @@ import time
 from typing import Any
 
 from fleetsync import paths
+from fleetsync.detect import Detector
 from fleetsync.detect.inotify import InotifyDetector
+from fleetsync.detect.scan import ScanDetector
 from fleetsync.index.indexer import Indexer
 from fleetsync.journal.sqlite import SqliteJournal
+from fleetsync.ops import publish
 from fleetsync.transport.server import ServerState, start_server
 
 log = logging.getLogger("fleetsync.origin")
@@ -26,7 +29,8 @@ class Origin:
 
     def __init__(self, root: str, state_dir: str, *, settle: float = 0.2, token: str | None = None,
                  retain: int = DEFAULT_RETAIN, allow_empty: bool = False,
-                 ignore: list[str] | None = None) -> None:
+                 ignore: list[str] | None = None, detector: str = "auto", scan_interval: float = 1.0,
+                 scan_rate: float = 5000.0) -> None:
         if not os.path.isdir(root):
             raise SystemExit(f"fleetsync origin: root {root!r} is not a directory")
         self.root = os.path.abspath(root)
@@ -34,12 +38,48 @@ class Origin:
         rules = paths.IgnoreRules(tuple(ignore) if ignore is not None else paths.DEFAULT_IGNORE)
         self.indexer = Indexer(self.root, self.journal, settle=settle, ignore=rules, allow_empty=allow_empty,
                                on_commit=self._committed)
-        self.detector = InotifyDetector(self.root)
+        self.scan_interval, self.scan_rate = scan_interval, scan_rate
+        self.fallback_scan: ScanDetector | None = None
+        self.detector = self._make_detector(detector)
         self.retain = retain
         self.started = time.time()
         self.server = ServerState(self.journal, self.root, token=token, role="origin",
-                                  extra_status=self._status)
+                                  extra_status=self._status, extra_routes=publish.routes(self.indexer, token))
         self._stop = asyncio.Event()
+
+    def _make_detector(self, kind: str) -> Detector:
+        """Pick the detector backend ('auto': fanotify when possible, else inotify, else the scanner)."""
+        if kind in ("auto", "fanotify"):
+            try:
+                from fleetsync.detect.fanotify import FanotifyDetector, fanotify_available
+
+                ok, why = fanotify_available(self.root)
+            except ImportError as e:  # pragma: no cover - module missing
+                ok, why = False, str(e)
+            if ok:
+                return FanotifyDetector(self.root)
+            if kind == "fanotify":
+                raise SystemExit(f"fleetsync origin: fanotify unavailable: {why}")
+            log.info("fanotify not used (%s); using inotify", why)
+        if kind in ("auto", "inotify"):
+            try:
+                det = InotifyDetector(self.root)
+                det.on_unwatched = self._unwatched
+                return det
+            except OSError as e:
+                if kind == "inotify":
+                    raise SystemExit(f"fleetsync origin: inotify unavailable: {e}") from e
+                log.warning("inotify unavailable (%s); using the portable scanner", e)
+        return ScanDetector(self.root, self.journal.db_path, interval=self.scan_interval, rate=self.scan_rate)
+
+    def _unwatched(self, rel: bytes) -> None:
+        """inotify could not watch rel: cover it with the scanner so nothing goes silent."""
+        if self.fallback_scan is None:
+            self.fallback_scan = ScanDetector(self.root, self.journal.db_path, interval=self.scan_interval,
+                                              rate=self.scan_rate, scopes={rel})
+            self.fallback_scan.start(self.indexer)
+        else:
+            self.fallback_scan.add_scope(rel)
 
     def _committed(self, n: int) -> None:
         self.server.notify()
@@ -47,6 +87,7 @@ class Origin:
     def _status(self) -> dict[str, Any]:
         return {"root": self.root, "pending": self.indexer.busy(), "paused": self.indexer.paused,
                 "entries": self.journal.count(), "detector": self.detector.name,
+                "unwatched": len(getattr(self.detector, "unwatched", ())),
                 "uptime": round(time.time() - self.started, 1)}
 
     def stop(self) -> None:
@@ -56,6 +97,7 @@ class Origin:
     async def run(self, host: str, port: int) -> None:
         """Start watching and serving; reconcile with the manifest; run until stop()."""
         first = self.indexer.initial_scan_needed()
+        log.info("change detection: %s", self.detector.name)
         self.detector.start(self.indexer)
         self.indexer.drain = self.detector.drain
         runner = await start_server(self.server, host, port)
@@ -72,6 +114,8 @@ class Origin:
             await asyncio.gather(*tasks, return_exceptions=True)
             await runner.cleanup()
             self.detector.close()
+            if self.fallback_scan is not None:
+                self.fallback_scan.close()
             self.journal.close()
 
     async def _housekeeping(self) -> None:

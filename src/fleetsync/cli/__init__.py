@@ -27,9 +27,9 @@ def main() -> None:
 
 
 def _register() -> None:
-    from fleetsync.cli import demo, origin, replica, status
+    from fleetsync.cli import demo, origin, publish, replica, status
 
-    for mod in (origin, replica, status, demo):
+    for mod in (origin, replica, status, publish, demo):
         main.add_command(mod.command)
 
 

@@ -17,10 +17,17 @@ from fleetsync.cli.options import LISTEN, token_option, verbose_option
               help="Journal records kept for followers; older followers resync from a snapshot.")
 @click.option("--allow-empty-root", is_flag=True, help="Propagate an empty root (normally a pause: invariant 6).")
 @click.option("--ignore", multiple=True, help="Extra upload temp-name pattern to ignore (repeatable).")
+@click.option("--detector", type=click.Choice(["auto", "fanotify", "inotify", "scan"]), default="auto",
+              show_default=True, help="Change detection backend (auto: fanotify if root, else inotify).")
+@click.option("--scan-interval", default=1.0, show_default=True, type=click.FloatRange(0.05),
+              help="Scanner: seconds between passes.")
+@click.option("--scan-rate", default=5000.0, show_default=True, type=click.FloatRange(1.0),
+              help="Scanner: file lstat calls per second for in-place edit detection (I/O budget).")
 @token_option
 @verbose_option
 def command(root: str, state: str, listen: tuple[str, int], settle: float, retain: int, allow_empty_root: bool,
-            ignore: tuple[str, ...], token: str | None, verbose: int) -> None:
+            ignore: tuple[str, ...], detector: str, scan_interval: float, scan_rate: float, token: str | None,
+            verbose: int) -> None:
     """Watch ROOT, journal every change, and serve the feed to replicas."""
     from fleetsync.cli import setup_logging
     from fleetsync.origin import run_origin
@@ -28,4 +35,5 @@ def command(root: str, state: str, listen: tuple[str, int], settle: float, retai
 
     setup_logging(verbose)
     run_origin(root, state, listen, settle=settle, token=token, retain=retain, allow_empty=allow_empty_root,
-               ignore=list(DEFAULT_IGNORE) + list(ignore))
+               ignore=list(DEFAULT_IGNORE) + list(ignore), detector=detector, scan_interval=scan_interval,
+               scan_rate=scan_rate)

@@ -7,6 +7,7 @@ import errno
 import logging
 import os
 import stat
+from collections.abc import Callable
 
 from inotify_simple import INotify
 from inotify_simple import flags as F
@@ -37,6 +38,8 @@ class InotifyDetector:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._flush_handle: asyncio.TimerHandle | None = None
         self.overflows = 0
+        #: Called with a relative directory that could not be watched (watch limit reached).
+        self.on_unwatched: Callable[[bytes], None] = lambda rel: None
 
     # -- watches ---------------------------------------------------------------------------------
     def watch_tree(self, rel: bytes) -> int:
@@ -67,6 +70,7 @@ class InotifyDetector:
                 log.warning("inotify watch limit reached at %r: raise fs.inotify.max_user_watches "
                             "(sysctl); this subtree is covered by rescans meanwhile", rel)
                 self.unwatched.add(rel)
+                self.on_unwatched(rel)
                 return False
             if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.EACCES, errno.ELOOP):
                 return False

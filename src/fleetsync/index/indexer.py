@@ -335,6 +335,10 @@ class Indexer:
                 if row is not None and _stat_matches(row[0], row[1], st):
                     o.entry = row[0]
                     continue
+                age = time.time() - st.st_mtime_ns / 1e9
+                if 0 <= age < self.settle:
+                    o.unstable = True  # modified less than a settle window ago: not quiet yet
+                    continue
                 try:
                     fd = self.fs.open_read(p)
                 except OSError:
@@ -361,7 +365,7 @@ class Indexer:
         known_dirs: set[bytes] = set()
         for o in obs:
             if o.unstable:
-                self.changed(o.path, writing=True)
+                self.changed(o.path)
                 continue
             if o.st is None or o.entry is None:
                 continue

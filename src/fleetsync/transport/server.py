@@ -54,6 +54,7 @@ class ServerState:
     token: str | None = None
     role: str = "origin"
     extra_status: Callable[[], dict[str, Any]] = field(default=lambda: {})
+    extra_routes: list[web.RouteDef] = field(default_factory=list)
     followers: dict[str, Follower] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -310,6 +311,7 @@ def build_app(state: ServerState) -> web.Application:
     app.router.add_get(API + "/blob/{digest}", blob)
     app.router.add_get(API + "/snapshot", snapshot)
     app.router.add_get(API + "/status", status)
+    app.router.add_routes(state.extra_routes)
     return app
 
 
