@@ -48,8 +48,8 @@ class Origin:
         self._stop = asyncio.Event()
 
     def _make_detector(self, kind: str) -> Detector:
-        """Pick the detector backend ('auto': fanotify when possible, else inotify, else the scanner)."""
-        if kind in ("auto", "fanotify"):
+        """Pick the detector backend ('auto': inotify, else the scanner; fanotify on request)."""
+        if kind == "fanotify":
             try:
                 from fleetsync.detect.fanotify import FanotifyDetector, fanotify_available
 

@@ -229,6 +229,8 @@ class Indexer:
         next_at = 1.0
         for p, h in self.pending.items():
             due = h.deadline
+            if h.writing and due <= now and not self._may_be_open(p):
+                h.writing = False
             if h.writing:
                 due = max(h.deadline, h.first + self.open_timeout)
             if due <= now:
@@ -238,6 +240,14 @@ class Indexer:
             else:
                 next_at = min(next_at, due - now)
         return ready, max(next_at, 0.005)
+
+    def _may_be_open(self, path: bytes) -> bool:
+        """Only a regular file with a single link can be waiting for its writer's close.
+
+        A symlink or hard link creation reports IN_CREATE without any close event.
+        """
+        st = self.fs.lstat(path)
+        return st is not None and stat.S_ISREG(st.st_mode) and st.st_nlink == 1
 
     def _check_root(self) -> None:
         try:

@@ -1,0 +1,691 @@
+"""fanotify detector: one filesystem-wide mark (FAN_REPORT_DFID_NAME), filtered to the root in user space.
+
+No per-directory watches: a single `FAN_MARK_FILESYSTEM` mark reports every change on the root's
+filesystem as (directory file handle, name). The handle is turned back into a path with
+`open_by_handle_at` + readlink of /proc/self/fd/N (cached, each hit re-validated with one lstat),
+and events outside the root are dropped. Needs root (CAP_SYS_ADMIN, CAP_DAC_READ_SEARCH) and
+Linux >= 5.9; uses `FAN_RENAME` (>= 5.17) to report a rename as one event and
+`FAN_REPORT_TARGET_FID` (>= 5.17) to locate directories that were deleted before their events
+were read. Everything goes through ctypes on glibc; there are no per-directory limits to hit.
+
+Known limits (shared with inotify unless noted): a change made through a hard link that lives
+outside the root is reported under the outside path; filesystems mounted below the root are not
+covered by the mark (a warning is logged at start-up).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import ctypes.util
+import errno
+import logging
+import os
+import re
+import stat
+import struct
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from fleetsync.detect import HintSink
+
+log = logging.getLogger("fleetsync.detect.fanotify")
+
+# -- constants from <linux/fanotify.h> and <fcntl.h> ---------------------------------------------
+FAN_MODIFY = 0x00000002
+FAN_ATTRIB = 0x00000004
+FAN_CLOSE_WRITE = 0x00000008
+FAN_MOVED_FROM = 0x00000040
+FAN_MOVED_TO = 0x00000080
+FAN_CREATE = 0x00000100
+FAN_DELETE = 0x00000200
+FAN_DELETE_SELF = 0x00000400
+FAN_MOVE_SELF = 0x00000800
+FAN_Q_OVERFLOW = 0x00004000
+FAN_EVENT_ON_CHILD = 0x08000000
+FAN_RENAME = 0x10000000
+FAN_ONDIR = 0x40000000
+
+FAN_CLOEXEC = 0x00000001
+FAN_NONBLOCK = 0x00000002
+FAN_CLASS_NOTIF = 0x00000000
+FAN_REPORT_FID = 0x00000200
+FAN_REPORT_DIR_FID = 0x00000400
+FAN_REPORT_NAME = 0x00000800
+FAN_REPORT_TARGET_FID = 0x00001000
+FAN_REPORT_DFID_NAME = FAN_REPORT_DIR_FID | FAN_REPORT_NAME
+FAN_REPORT_DFID_NAME_TARGET = FAN_REPORT_DFID_NAME | FAN_REPORT_FID | FAN_REPORT_TARGET_FID
+
+FAN_MARK_ADD = 0x00000001
+FAN_MARK_FILESYSTEM = 0x00000100
+
+FAN_EVENT_INFO_TYPE_FID = 1
+FAN_EVENT_INFO_TYPE_DFID_NAME = 2
+FAN_EVENT_INFO_TYPE_DFID = 3
+FAN_EVENT_INFO_TYPE_OLD_DFID_NAME = 10
+FAN_EVENT_INFO_TYPE_NEW_DFID_NAME = 12
+
+FANOTIFY_METADATA_VERSION = 3
+FAN_NOFD = -1
+AT_FDCWD = -100
+AT_EMPTY_PATH = 0x1000
+MAX_HANDLE_SZ = 128
+
+#: Events every mark asks for; renames are added as FAN_RENAME or FAN_MOVED_FROM|FAN_MOVED_TO.
+BASE_MASK = (FAN_CREATE | FAN_DELETE | FAN_MODIFY | FAN_CLOSE_WRITE | FAN_ATTRIB | FAN_DELETE_SELF
+             | FAN_MOVE_SELF | FAN_ONDIR)
+MIN_KERNEL = (5, 9)
+
+_META = struct.Struct("=IBBHQii")  # struct fanotify_event_metadata (24 bytes)
+_INFO_HDR = struct.Struct("=BBH")  # struct fanotify_event_info_header
+_FH_HDR = struct.Struct("=Ii")  # struct file_handle: handle_bytes, handle_type
+_FSID_LEN = 8
+READ_SIZE = 256 * 1024
+#: Upper bound of events read by one drain() (the default kernel queue holds 16384).
+MAX_EVENTS_PER_DRAIN = 65536
+CACHE_MAX = 16384
+GONE_MAX = 65536
+
+
+# -- libc ----------------------------------------------------------------------------------------
+_LIBC: ctypes.CDLL | None = None
+
+
+def _libc() -> ctypes.CDLL:
+    """glibc with the fanotify and file-handle functions typed (loaded on first use)."""
+    global _LIBC
+    if _LIBC is None:
+        lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        lib.fanotify_init.argtypes = [ctypes.c_uint, ctypes.c_uint]
+        lib.fanotify_init.restype = ctypes.c_int
+        lib.fanotify_mark.argtypes = [ctypes.c_int, ctypes.c_uint, ctypes.c_uint64, ctypes.c_int,
+                                      ctypes.c_char_p]
+        lib.fanotify_mark.restype = ctypes.c_int
+        lib.name_to_handle_at.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p,
+                                          ctypes.POINTER(ctypes.c_int), ctypes.c_int]
+        lib.name_to_handle_at.restype = ctypes.c_int
+        lib.open_by_handle_at.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+        lib.open_by_handle_at.restype = ctypes.c_int
+        _LIBC = lib
+    return _LIBC
+
+
+def _oserror(what: str) -> OSError:
+    """OSError for the last failed libc call, with what was being attempted."""
+    err = ctypes.get_errno()
+    return OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def fanotify_init(flags: int) -> int:
+    """fanotify_init(FAN_CLASS_NOTIF | FAN_CLOEXEC | FAN_NONBLOCK | flags, O_RDONLY | O_LARGEFILE)."""
+    fd = _libc().fanotify_init(FAN_CLASS_NOTIF | FAN_CLOEXEC | FAN_NONBLOCK | flags,
+                               os.O_RDONLY | os.O_LARGEFILE)
+    if fd < 0:
+        raise _oserror(f"fanotify_init(flags={flags:#x})")
+    return fd
+
+
+def fanotify_mark_filesystem(fd: int, mask: int, path: bytes) -> None:
+    """Add a FAN_MARK_FILESYSTEM mark with mask on the filesystem holding path."""
+    if _libc().fanotify_mark(fd, FAN_MARK_ADD | FAN_MARK_FILESYSTEM, mask, AT_FDCWD, path) != 0:
+        raise _oserror(f"fanotify_mark(FAN_MARK_FILESYSTEM, mask={mask:#x}) on {path!r}")
+
+
+def name_to_handle(fd: int) -> bytes:
+    """The file handle (struct file_handle bytes, as fanotify reports them) of the open file fd."""
+    buf = ctypes.create_string_buffer(_FH_HDR.size + MAX_HANDLE_SZ)
+    _FH_HDR.pack_into(buf, 0, MAX_HANDLE_SZ, 0)
+    mount_id = ctypes.c_int()
+    if _libc().name_to_handle_at(fd, b"", buf, ctypes.byref(mount_id), AT_EMPTY_PATH) != 0:
+        raise _oserror(f"name_to_handle_at(fd {fd})")
+    nbytes, _ = _FH_HDR.unpack_from(buf, 0)
+    return buf.raw[:_FH_HDR.size + nbytes]
+
+
+def open_by_handle(mount_fd: int, handle: bytes, flags: int = os.O_PATH) -> int:
+    """open_by_handle_at(mount_fd, handle, flags | O_CLOEXEC); raises OSError (ESTALE when gone)."""
+    fd = _libc().open_by_handle_at(mount_fd, handle, flags | os.O_CLOEXEC)
+    if fd < 0:
+        raise _oserror("open_by_handle_at")
+    return fd
+
+
+def kernel_version(release: str | None = None) -> tuple[int, int]:
+    """(major, minor) of the running kernel (or of a `uname -r` string)."""
+    m = re.match(r"(\d+)\.(\d+)", release if release is not None else os.uname().release)
+    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+
+
+def fd_path(fd: int) -> bytes:
+    """The path of an open fd as the kernel reports it (readlink /proc/self/fd/N)."""
+    return os.readlink(b"/proc/self/fd/%d" % fd)
+
+
+# -- availability --------------------------------------------------------------------------------
+def fanotify_available(root: str | bytes) -> tuple[bool, str]:
+    """(True, detail) if the fanotify backend can watch root, else (False, human-readable reason)."""
+    if not sys.platform.startswith("linux"):
+        return False, f"not Linux ({sys.platform})"
+    if os.geteuid() != 0:
+        return False, f"not root (euid {os.geteuid()}); fanotify filesystem marks need CAP_SYS_ADMIN"
+    kv = kernel_version()
+    if kv < MIN_KERNEL:
+        return False, f"kernel {kv[0]}.{kv[1]} < {MIN_KERNEL[0]}.{MIN_KERNEL[1]}"
+    broot = os.fsencode(root)
+    try:
+        _libc()
+    except (OSError, AttributeError) as e:
+        return False, f"glibc lacks fanotify/file-handle functions: {e}"
+    try:
+        rfd = os.open(broot, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as e:
+        return False, f"cannot open root {broot!r}: {e.strerror}"
+    fan = -1
+    try:
+        try:
+            fan = fanotify_init(FAN_REPORT_DFID_NAME)
+        except OSError as e:
+            return False, f"fanotify_init(FAN_REPORT_DFID_NAME) failed: {e.strerror}"
+        try:
+            handle = name_to_handle(rfd)
+        except OSError as e:
+            return False, f"filesystem does not support file handles: {errno.errorcode.get(e.errno, e.errno)} " \
+                          f"({os.strerror(e.errno or 0)})"
+        try:
+            fanotify_mark_filesystem(fan, FAN_CREATE | FAN_DELETE | FAN_ONDIR, fd_path(rfd))
+        except OSError as e:
+            return False, f"fanotify_mark(FAN_MARK_FILESYSTEM) on {broot!r} failed: " \
+                          f"{errno.errorcode.get(e.errno, e.errno)} ({os.strerror(e.errno or 0)})"
+        try:
+            os.close(open_by_handle(rfd, handle))
+        except OSError as e:
+            return False, f"open_by_handle_at failed on {broot!r}: {e.strerror}"
+    finally:
+        os.close(rfd)
+        if fan >= 0:
+            os.close(fan)
+    return True, f"fanotify on Linux {kv[0]}.{kv[1]}"
+
+
+# -- event parsing -------------------------------------------------------------------------------
+@dataclass(slots=True)
+class FanEvent:
+    """One parsed fanotify event: mask plus the file-handle records it carried."""
+
+    mask: int
+    pid: int
+    dfid: bytes | None = None  # directory handle (DFID_NAME / DFID)
+    name: bytes | None = None  # entry name in dfid (b"." for events on the directory itself)
+    fid: bytes | None = None  # the object's own handle (FID; the child for dirent events)
+    old: tuple[bytes, bytes] | None = None  # FAN_RENAME: (old dir handle, old name)
+    new: tuple[bytes, bytes] | None = None  # FAN_RENAME: (new dir handle, new name)
+
+
+def parse_events(buf: bytes) -> list[FanEvent]:
+    """Parse the fanotify_event_metadata records (and their fid info records) read from the fd."""
+    out: list[FanEvent] = []
+    off, end = 0, len(buf)
+    while off < end:
+        if end - off < _META.size:
+            raise ValueError(f"truncated fanotify event at offset {off} ({end - off} bytes left)")
+        ev_len, vers, _, meta_len, mask, fd, pid = _META.unpack_from(buf, off)
+        if vers != FANOTIFY_METADATA_VERSION:
+            raise ValueError(f"fanotify metadata version {vers}, expected {FANOTIFY_METADATA_VERSION}")
+        if ev_len < meta_len or meta_len < _META.size or off + ev_len > end:
+            raise ValueError(f"bad fanotify event lengths at offset {off}: event_len={ev_len} "
+                             f"metadata_len={meta_len} buffer={end}")
+        if fd >= 0:  # not expected in FID mode; never leak it
+            os.close(fd)
+        ev = FanEvent(mask, pid)
+        pos, ev_end = off + meta_len, off + ev_len
+        while pos + _INFO_HDR.size <= ev_end:
+            itype, _, ilen = _INFO_HDR.unpack_from(buf, pos)
+            if ilen < _INFO_HDR.size or pos + ilen > ev_end:
+                raise ValueError(f"bad fanotify info record length {ilen} (type {itype}) at offset {pos}")
+            if itype in (FAN_EVENT_INFO_TYPE_FID, FAN_EVENT_INFO_TYPE_DFID_NAME, FAN_EVENT_INFO_TYPE_DFID,
+                         FAN_EVENT_INFO_TYPE_OLD_DFID_NAME, FAN_EVENT_INFO_TYPE_NEW_DFID_NAME):
+                h0 = pos + _INFO_HDR.size + _FSID_LEN
+                nbytes, _ = _FH_HDR.unpack_from(buf, h0)
+                h1 = h0 + _FH_HDR.size + nbytes
+                if h1 > pos + ilen:
+                    raise ValueError(f"file handle of {nbytes} bytes overruns info record of {ilen} bytes")
+                handle = bytes(buf[h0:h1])
+                nm = bytes(buf[h1:pos + ilen]).split(b"\0", 1)[0]
+                if itype == FAN_EVENT_INFO_TYPE_FID:
+                    ev.fid = handle
+                elif itype == FAN_EVENT_INFO_TYPE_DFID_NAME:
+                    ev.dfid, ev.name = handle, nm
+                elif itype == FAN_EVENT_INFO_TYPE_DFID:
+                    ev.dfid, ev.name = handle, None
+                elif itype == FAN_EVENT_INFO_TYPE_OLD_DFID_NAME:
+                    ev.old = (handle, nm)
+                else:
+                    ev.new = (handle, nm)
+            pos += ilen
+        out.append(ev)
+        off += ev_len
+    return out
+
+
+def _join_abs(d: bytes, name: bytes) -> bytes:
+    return b"/" + name if d == b"/" else d + b"/" + name
+
+
+# Where a directory handle was found: on disk now, rebuilt from delete events, or only last seen there.
+LIVE, GONE, STALE = "live", "gone", "stale"
+
+
+class _Resolver:
+    """Directory file handle -> absolute path, cached; every cache hit is re-checked with lstat.
+
+    `inside(path)` says whether a path lies in the root: only those paths are verified (lstat must
+    find the same directory there). A live directory that is not reachable through the root's
+    mount (a bind mount of a subdirectory) reads back as an escaped path such as "/": it cannot
+    be inside the root, so it is reported as-is (outside) and never cached.
+    """
+
+    def __init__(self, mount_fd: int, inside: Callable[[bytes], bool]) -> None:
+        self.mount_fd = mount_fd
+        self.inside = inside
+        self.cache: dict[bytes, tuple[bytes, int, int]] = {}
+        self.failures = 0
+        self._warned = False
+
+    def resolve(self, handle: bytes) -> bytes | None:
+        """Current absolute path of the directory, or None if it no longer exists (or cannot be opened)."""
+        hit = self.cache.get(handle)
+        if hit is not None:
+            try:
+                st = os.lstat(hit[0])
+                if (st.st_dev, st.st_ino) == (hit[1], hit[2]) and stat.S_ISDIR(st.st_mode):
+                    return hit[0]
+            except OSError:
+                pass
+        for _ in range(2):  # one retry: the directory may move between readlink and lstat
+            try:
+                fd = open_by_handle(self.mount_fd, handle, os.O_PATH)
+            except OSError as e:
+                self.failures += 1
+                if e.errno not in (errno.ESTALE, errno.ENOENT) and not self._warned:
+                    self._warned = True
+                    log.error("fanotify: cannot resolve directory handles (%s); falling back to rescans", e)
+                return None
+            try:
+                st = os.fstat(fd)
+                if st.st_nlink == 0 or not stat.S_ISDIR(st.st_mode):
+                    return None
+                path = fd_path(fd)
+            except OSError:
+                return None
+            finally:
+                os.close(fd)
+            if not self.inside(path):
+                return path
+            try:
+                st2 = os.lstat(path)
+            except OSError:
+                continue
+            if (st2.st_dev, st2.st_ino) == (st.st_dev, st.st_ino):
+                if len(self.cache) >= CACHE_MAX:
+                    self.cache.clear()
+                self.cache[handle] = (path, st.st_dev, st.st_ino)
+                return path
+        return None
+
+    def last_known(self, handle: bytes) -> bytes | None:
+        """Where the directory was when it was last resolved (may be stale)."""
+        hit = self.cache.get(handle)
+        return hit[0] if hit is not None else None
+
+
+class FanotifyDetector:
+    """Watches a root through one fanotify filesystem mark and feeds a HintSink."""
+
+    name = "fanotify"
+
+    def __init__(self, root: str | bytes, *, use_rename: bool = True, use_target_fid: bool = True) -> None:
+        self.root = os.fsencode(os.path.abspath(os.fsdecode(root)))
+        self._fd = -1
+        self._root_fd = -1
+        self._sink: HintSink | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._reading = False
+        self._draining = False
+        self._gone: dict[bytes, tuple[bytes, bytes]] = {}
+        self._fallbacks: set[bytes] = set()
+        self._last_move: tuple[bytes, bytes] | None = None
+        self.overflows = 0
+        self.events = 0
+        self.fallback_rescans = 0
+        self.unwatched: set[bytes] = set()
+        try:
+            self._root_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            self.root_abs = fd_path(self._root_fd)  # canonical: the form readlink gives for handles
+            self.root_handle = name_to_handle(self._root_fd)
+            self._fd, self.target_fid = self._init_group(use_target_fid)
+            self.mask, self.has_rename = self._add_mark(use_rename)
+        except OSError as e:
+            self.close()
+            raise OSError(e.errno, f"fanotify detector for {self.root!r}: {e.strerror}") from e
+        except BaseException:
+            self.close()
+            raise
+        self._res = _Resolver(self._root_fd, lambda p: self._rel(p) is not None)
+
+    # -- setup -----------------------------------------------------------------------------------
+    @staticmethod
+    def _init_group(use_target_fid: bool) -> tuple[int, bool]:
+        if use_target_fid:
+            try:
+                return fanotify_init(FAN_REPORT_DFID_NAME_TARGET), True
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                log.info("fanotify: FAN_REPORT_TARGET_FID unsupported (kernel < 5.17); deleted "
+                         "directories fall back to rescans")
+        return fanotify_init(FAN_REPORT_DFID_NAME), False
+
+    def _add_mark(self, use_rename: bool) -> tuple[int, bool]:
+        # With FAN_RENAME the MOVED_FROM/MOVED_TO pair would only repeat the same rename as a
+        # removal plus an arrival, so it is asked for only when FAN_RENAME is not available.
+        moves = [FAN_RENAME] if use_rename else []
+        moves.append(FAN_MOVED_FROM | FAN_MOVED_TO)
+        last: OSError | None = None
+        for mv in moves:
+            for extra in (FAN_EVENT_ON_CHILD, 0):
+                mask = BASE_MASK | mv | extra
+                try:
+                    fanotify_mark_filesystem(self._fd, mask, self.root_abs)
+                except OSError as e:
+                    if e.errno != errno.EINVAL:
+                        raise
+                    last = e
+                    continue
+                return mask, bool(mask & FAN_RENAME)
+        assert last is not None
+        raise last
+
+    def _submounts(self) -> list[bytes]:
+        """Mount points below the root (other filesystems are not covered by the mark)."""
+        prefix = self.root_abs.rstrip(b"/") + b"/"
+        out: list[bytes] = []
+        try:
+            with open("/proc/self/mountinfo", "rb") as f:
+                for line in f:
+                    fields = line.split(b" ")
+                    if len(fields) < 5:
+                        continue
+                    mp = re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), fields[4])
+                    if mp.startswith(prefix):
+                        out.append(mp)
+        except OSError:
+            pass
+        return out
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def start(self, sink: HintSink) -> None:
+        """Start reading events on the running loop (no tree walk: the mark covers the filesystem)."""
+        if self._fd < 0:
+            raise RuntimeError(f"fanotify detector for {self.root!r} is closed")
+        self._sink = sink
+        self._loop = asyncio.get_running_loop()
+        for mp in self._submounts():
+            log.warning("fanotify: %r is another filesystem mounted below the root; changes there are "
+                        "not seen (use the inotify detector for such trees)", mp)
+            self.unwatched.add(mp)
+        self._loop.add_reader(self._fd, self.drain)
+        self._reading = True
+        log.info("fanotify: watching %r (filesystem mark, mask %#x, FAN_RENAME %s, target fid %s)",
+                 self.root_abs, self.mask, "yes" if self.has_rename else "no",
+                 "yes" if self.target_fid else "no")
+
+    def close(self) -> None:
+        """Stop watching and release the descriptors (idempotent)."""
+        if self._fd >= 0:
+            if self._loop is not None and self._reading:
+                try:
+                    self._loop.remove_reader(self._fd)
+                except (RuntimeError, ValueError):  # loop already closed
+                    pass
+                self._reading = False
+            os.close(self._fd)
+            self._fd = -1
+        if self._root_fd >= 0:
+            os.close(self._root_fd)
+            self._root_fd = -1
+
+    def fileno(self) -> int:
+        """The fanotify descriptor (-1 once closed)."""
+        return self._fd
+
+    # -- reading ---------------------------------------------------------------------------------
+    def drain(self) -> None:
+        """Read and dispatch all queued events (no-op before start, after close, or when re-entered)."""
+        if self._sink is None or self._fd < 0 or self._draining:
+            return
+        self._draining = True
+        try:
+            events = self._read_all()
+            self._fallbacks.clear()
+            self._collect_gone(events)
+            for ev in events:
+                self.events += 1
+                try:
+                    self._dispatch(ev)
+                except Exception:  # noqa: BLE001 - one bad event must not lose the others
+                    log.exception("fanotify: failed to dispatch event mask %#x; rescanning", ev.mask)
+                    self._fallback_rescan(b"")
+        finally:
+            self._draining = False
+
+    def _read_all(self) -> list[FanEvent]:
+        events: list[FanEvent] = []
+        while len(events) < MAX_EVENTS_PER_DRAIN:
+            try:
+                buf = os.read(self._fd, READ_SIZE)
+            except BlockingIOError:
+                break
+            except OSError as e:
+                log.error("fanotify read failed: %s; rescanning the whole root", e)
+                self._fallback_rescan(b"")
+                break
+            if not buf:
+                break
+            try:
+                events.extend(parse_events(buf))
+            except ValueError as e:
+                log.error("fanotify: unparsable events (%s); rescanning the whole root", e)
+                self._fallback_rescan(b"")
+        return events
+
+    def _collect_gone(self, events: list[FanEvent]) -> None:
+        """Remember where deleted directories were: directory handle -> (parent handle, name).
+
+        With FAN_REPORT_TARGET_FID the parent's DELETE event carries the child's handle. Without
+        it, an rmdir queues the directory's DELETE_SELF (handle, ".") right before the parent's
+        DELETE; a wrong pairing (concurrent rmdirs) is harmless: whatever happened inside a
+        deleted directory is covered by the removal hint of the directory itself.
+        """
+        prev: FanEvent | None = None
+        for ev in events:
+            child: bytes | None = None
+            if ev.dfid is not None and ev.name and ev.name != b"." and ev.mask & FAN_ONDIR \
+                    and ev.mask & FAN_DELETE:
+                if ev.fid is not None:
+                    child = ev.fid
+                elif prev is not None and prev.dfid is not None and prev.name == b"." \
+                        and prev.mask & FAN_DELETE_SELF and prev.dfid != ev.dfid:
+                    child = prev.dfid
+            if child is not None:
+                if len(self._gone) >= GONE_MAX:
+                    self._gone.clear()
+                self._gone[child] = (ev.dfid, ev.name)  # type: ignore[assignment]
+            prev = ev
+
+    # -- resolution ------------------------------------------------------------------------------
+    def _locate(self, handle: bytes, depth: int = 0) -> tuple[bytes | None, str]:
+        """Absolute path of a directory handle and how it was found (LIVE, GONE or STALE)."""
+        p = self._res.resolve(handle)
+        if p is not None:
+            return p, LIVE
+        g = self._gone.get(handle)
+        if g is not None and depth < 256:
+            parent, how = self._locate(g[0], depth + 1)
+            if parent is not None:
+                return _join_abs(parent, g[1]), (GONE if how != STALE else STALE)
+        last = self._res.last_known(handle)
+        if last is not None:
+            return last, STALE
+        return None, STALE
+
+    def _rel(self, full: bytes) -> bytes | None:
+        """Root-relative path of an absolute path, or None when it is outside the root."""
+        r = self.root_abs
+        if full == r:
+            return b""
+        if r == b"/":
+            return full[1:]
+        if full.startswith(r + b"/"):
+            return full[len(r) + 1:]
+        return None
+
+    def _covers_root(self, full: bytes) -> bool:
+        """True if full is the root directory or one of its ancestors."""
+        r = self.root_abs
+        return full == r or r.startswith(full.rstrip(b"/") + b"/")
+
+    def _fallback_rescan(self, rel: bytes) -> None:
+        """Rescan rel once per drain: an event whose location could not be established exactly."""
+        if rel in self._fallbacks or b"" in self._fallbacks:
+            return
+        self._fallbacks.add(rel)
+        self.fallback_rescans += 1
+        assert self._sink is not None
+        self._sink.rescan(rel)
+
+    def _unlocatable(self, dirabs: bytes | None, what: str) -> None:
+        """A directory handle could not be resolved exactly: rescan where it was last seen, or the root."""
+        rel = self._rel(dirabs) if dirabs is not None else None
+        if dirabs is not None and rel is None:
+            log.debug("fanotify: %s: directory last seen outside the root at %r", what, dirabs)
+            return
+        log.debug("fanotify: %s: directory handle unresolvable; rescanning %r", what, rel or b"")
+        self._fallback_rescan(rel or b"")
+
+    # -- dispatch --------------------------------------------------------------------------------
+    def _dispatch(self, ev: FanEvent) -> None:
+        sink = self._sink
+        assert sink is not None
+        m = ev.mask
+        if m & FAN_Q_OVERFLOW:
+            self._last_move = None
+            self.overflows += 1
+            log.warning("fanotify queue overflow: rescanning the whole root")
+            self._fallback_rescan(b"")
+            return
+        if m & FAN_RENAME:
+            if ev.old is None or ev.new is None:
+                log.warning("fanotify: FAN_RENAME without old/new records; rescanning the whole root")
+                self._fallback_rescan(b"")
+            else:
+                move, self._last_move = self._last_move, None
+                self._rename(ev, move)
+            return
+        if ev.dfid is None:
+            # FID-only: a self event on a non-directory; its directory-entry events carry the path.
+            if m & (FAN_DELETE_SELF | FAN_MOVE_SELF) and ev.fid == self.root_handle:
+                sink.root_lost("root directory was deleted or moved")
+            return
+        if ev.name is None or ev.name == b".":
+            self._self_event(ev)  # (the MOVE_SELF of a rename does not break exchange pairing)
+            return
+        self._last_move = None
+        dirabs, how = self._locate(ev.dfid)
+        if dirabs is None or how == STALE:
+            self._unlocatable(dirabs, f"event {m:#x} on {ev.name!r}")
+            return
+        full = _join_abs(dirabs, ev.name)
+        is_dir = bool(m & FAN_ONDIR)
+        if m & (FAN_DELETE | FAN_MOVED_FROM) and is_dir and self._covers_root(full):
+            sink.root_lost(f"root directory (or its parent) {full!r} was deleted or moved away")
+            return
+        rel = self._rel(full)
+        if rel is None:
+            return
+        if rel == b"":  # a directory appeared at the root's path: the old root was replaced
+            sink.root_lost(f"root path {full!r} now names a different directory")
+            return
+        self._child_event(m, rel, is_dir)
+
+    def _self_event(self, ev: FanEvent) -> None:
+        """An event on a directory itself (name "."): only the root's loss and attribute changes matter."""
+        sink = self._sink
+        assert sink is not None and ev.dfid is not None
+        if ev.mask & (FAN_DELETE_SELF | FAN_MOVE_SELF):
+            if ev.dfid == self.root_handle:
+                sink.root_lost("root directory was deleted or moved")
+            return  # other directories: the DELETE/RENAME in their parent carries the path
+        if ev.mask & FAN_ATTRIB:
+            dirabs, how = self._locate(ev.dfid)
+            if dirabs is None or how != LIVE:
+                return  # the directory is gone; its removal is reported in its parent
+            rel = self._rel(dirabs)
+            if rel is not None:
+                sink.changed(rel)
+
+    def _child_event(self, m: int, rel: bytes, is_dir: bool) -> None:
+        """Hints for one (possibly merged) event on the entry rel, in the order that leaves the right state."""
+        sink = self._sink
+        assert sink is not None
+        if m & (FAN_DELETE | FAN_MOVED_FROM):
+            sink.removed(rel)
+        if is_dir:
+            if m & (FAN_CREATE | FAN_MOVED_TO):
+                sink.rescan(rel)
+            elif m & FAN_ATTRIB:
+                sink.changed(rel)
+            return
+        if m & (FAN_CLOSE_WRITE | FAN_MOVED_TO):
+            sink.changed(rel, closed=True)
+        elif m & (FAN_CREATE | FAN_MODIFY):
+            sink.changed(rel, writing=True)
+        elif m & FAN_ATTRIB:
+            sink.changed(rel)
+
+    def _rename(self, ev: FanEvent, prev: tuple[bytes, bytes] | None) -> None:
+        """FAN_RENAME: old and new directory + name in one event."""
+        sink = self._sink
+        assert sink is not None and ev.old is not None and ev.new is not None
+        is_dir = bool(ev.mask & FAN_ONDIR)
+        odir, ohow = self._locate(ev.old[0])
+        ndir, nhow = self._locate(ev.new[0])
+        old_full = _join_abs(odir, ev.old[1]) if odir is not None else None
+        new_full = _join_abs(ndir, ev.new[1]) if ndir is not None else None
+        if is_dir and old_full is not None and ohow != STALE and self._covers_root(old_full):
+            sink.root_lost(f"root directory (or its parent) {old_full!r} was renamed to {new_full!r}")
+            return
+        old_rel = self._rel(old_full) if old_full is not None and ohow != STALE else None
+        new_rel = self._rel(new_full) if new_full is not None and nhow != STALE else None
+        if new_rel == b"":
+            sink.root_lost(f"root path {new_full!r} was replaced by a rename")
+            return
+        if ohow == STALE:
+            self._unlocatable(odir, f"rename from {ev.old[1]!r}")
+        if nhow == STALE:
+            self._unlocatable(ndir, f"rename to {ev.new[1]!r}")
+        if old_rel is not None and new_rel is not None:
+            sink.moved(old_rel, new_rel, is_dir)
+            self._last_move = (old_rel, new_rel)
+            if prev == (new_rel, old_rel):
+                # The inverse of the previous rename: RENAME_EXCHANGE swaps both names, so the two
+                # moves alone would lose one side. Verify both paths from the disk.
+                sink.rescan(old_rel)
+                sink.rescan(new_rel)
+        elif old_rel is not None:
+            sink.removed(old_rel)
+        elif new_rel is not None:
+            if is_dir:
+                sink.rescan(new_rel)
+            else:
+                sink.changed(new_rel, closed=True)
