@@ -8,9 +8,13 @@ Linux >= 5.9; uses `FAN_RENAME` (>= 5.17) to report a rename as one event and
 `FAN_REPORT_TARGET_FID` (>= 5.17) to locate directories that were deleted before their events
 were read. Everything goes through ctypes on glibc; there are no per-directory limits to hit.
 
+The detector keeps the root directory open (it is the mount fd for `open_by_handle_at`), so the
+kernel defers the root's own DELETE_SELF; losing the root is recognised from the DELETE/RENAME
+record in its parent (or a deleted ancestor), which compares the full path with the root's.
+
 Known limits (shared with inotify unless noted): a change made through a hard link that lives
 outside the root is reported under the outside path; filesystems mounted below the root are not
-covered by the mark (a warning is logged at start-up).
+covered by the mark (fanotify only; logged at start-up and listed in `unwatched`).
 """
 
 from __future__ import annotations
@@ -433,7 +437,9 @@ class FanotifyDetector:
         for mp in self._submounts():
             log.warning("fanotify: %r is another filesystem mounted below the root; changes there are "
                         "not seen (use the inotify detector for such trees)", mp)
-            self.unwatched.add(mp)
+            rel = self._rel(mp)
+            if rel:
+                self.unwatched.add(rel)
         self._loop.add_reader(self._fd, self.drain)
         self._reading = True
         log.info("fanotify: watching %r (filesystem mark, mask %#x, FAN_RENAME %s, target fid %s)",
@@ -509,18 +515,17 @@ class FanotifyDetector:
         """
         prev: FanEvent | None = None
         for ev in events:
-            child: bytes | None = None
-            if ev.dfid is not None and ev.name and ev.name != b"." and ev.mask & FAN_ONDIR \
-                    and ev.mask & FAN_DELETE:
+            parent, name, child = ev.dfid, ev.name, None
+            if parent is not None and name and name != b"." and ev.mask & FAN_ONDIR and ev.mask & FAN_DELETE:
                 if ev.fid is not None:
                     child = ev.fid
                 elif prev is not None and prev.dfid is not None and prev.name == b"." \
-                        and prev.mask & FAN_DELETE_SELF and prev.dfid != ev.dfid:
+                        and prev.mask & FAN_DELETE_SELF and prev.dfid != parent:
                     child = prev.dfid
-            if child is not None:
+            if child is not None and parent is not None and name is not None:
                 if len(self._gone) >= GONE_MAX:
                     self._gone.clear()
-                self._gone[child] = (ev.dfid, ev.name)  # type: ignore[assignment]
+                self._gone[child] = (parent, name)
             prev = ev
 
     # -- resolution ------------------------------------------------------------------------------
@@ -622,10 +627,11 @@ class FanotifyDetector:
         """An event on a directory itself (name "."): only the root's loss and attribute changes matter."""
         sink = self._sink
         assert sink is not None and ev.dfid is not None
-        if ev.mask & (FAN_DELETE_SELF | FAN_MOVE_SELF):
-            if ev.dfid == self.root_handle:
-                sink.root_lost("root directory was deleted or moved")
-            return  # other directories: the DELETE/RENAME in their parent carries the path
+        if ev.mask & (FAN_DELETE_SELF | FAN_MOVE_SELF) and ev.dfid == self.root_handle:
+            sink.root_lost("root directory was deleted or moved")
+            return
+        # Other directories' DELETE_SELF/MOVE_SELF: the DELETE/RENAME in the parent carries the
+        # path. A merged ATTRIB (chmod, then rename before the read) must still be reported.
         if ev.mask & FAN_ATTRIB:
             dirabs, how = self._locate(ev.dfid)
             if dirabs is None or how != LIVE:

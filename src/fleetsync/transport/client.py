@@ -76,10 +76,16 @@ class UpstreamClient:
             await self._check(resp, f"feed after {after}")
             body = await resp.json()
         try:
-            recs = [Record.from_wire(r) for r in body["records"]]
+            recs = []
+            for r in body["records"]:
+                try:
+                    recs.append(Record.from_wire(r))
+                except FleetsyncError as e:
+                    seq = r.get("seq") if isinstance(r, dict) else None
+                    raise FleetsyncError(f"{self._where('feed')}: refusing record seq {seq}: {e}") from e
             page = FeedPage(str(body["journal_id"]), int(body["head"]), int(body["min_seq"]), recs)
-        except (KeyError, TypeError, ValueError) as e:
-            raise FleetsyncError(f"{self._where('feed')}: malformed response: {e}") from e
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise FleetsyncError(f"{self._where('feed')}: malformed response: {e!r}") from e
         prev = after
         for r in recs:
             if r.seq <= prev:
