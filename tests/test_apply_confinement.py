@@ -84,3 +84,12 @@ def test_rename_and_replace_kinds(tmp_path) -> None:
     # A file replaces a non-empty directory when the upstream says so.
     r.write_file(b"e", b"file now", fe(b"file now"))
     assert (tmp_path / "e").read_bytes() == b"file now"
+
+
+def test_sweep_temps_removes_only_fleetsync_temps(tmp_path) -> None:
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / ".fleetsync.1.2.tmp").write_bytes(b"partial")
+    (tmp_path / "d" / "keep.html").write_bytes(b"x")
+    (tmp_path / "d" / b"\xff.html".decode("utf-8", "surrogateescape")).write_bytes(b"y")
+    assert ConfinedRoot(str(tmp_path)).sweep_temps(b"d") == 1
+    assert sorted(os.listdir(tmp_path / "d")) == sorted(["keep.html", b"\xff.html".decode("utf-8", "surrogateescape")])

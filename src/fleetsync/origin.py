@@ -30,14 +30,14 @@ class Origin:
     def __init__(self, root: str, state_dir: str, *, settle: float = 0.2, token: str | None = None,
                  retain: int = DEFAULT_RETAIN, allow_empty: bool = False,
                  ignore: list[str] | None = None, detector: str = "auto", scan_interval: float = 1.0,
-                 scan_rate: float = 5000.0) -> None:
+                 scan_rate: float = 5000.0, reconcile_rate: float = 0.0) -> None:
         if not os.path.isdir(root):
             raise SystemExit(f"fleetsync origin: root {root!r} is not a directory")
         self.root = os.path.abspath(root)
         self.journal = SqliteJournal(os.path.join(state_dir, "origin.db"), durable=True)
         rules = paths.IgnoreRules(tuple(ignore) if ignore is not None else paths.DEFAULT_IGNORE)
         self.indexer = Indexer(self.root, self.journal, settle=settle, ignore=rules, allow_empty=allow_empty,
-                               on_commit=self._committed)
+                               on_commit=self._committed, scan_rate=reconcile_rate)
         self.scan_interval, self.scan_rate = scan_interval, scan_rate
         self.fallback_scan: ScanDetector | None = None
         self.detector = self._make_detector(detector)
@@ -88,6 +88,8 @@ class Origin:
         return {"root": self.root, "pending": self.indexer.busy(), "paused": self.indexer.paused,
                 "entries": self.journal.count(), "detector": self.detector.name,
                 "unwatched": len(getattr(self.detector, "unwatched", ())),
+                "scan": {"running": self.indexer.scanning, "checked": self.indexer.scan_checked,
+                         "differ": self.indexer.scan_differ},
                 "uptime": round(time.time() - self.started, 1)}
 
     def stop(self) -> None:
@@ -119,13 +121,14 @@ class Origin:
             self.journal.close()
 
     async def _housekeeping(self) -> None:
-        last = -1
+        last: tuple[int, int] = (-1, -1)
         while True:
             await asyncio.sleep(2.0)
-            if self.indexer.scanning and self.indexer.records_written != last:
-                log.info("indexing: %d records written, %d pending", self.indexer.records_written,
-                         len(self.indexer.pending))
-                last = self.indexer.records_written
+            ix = self.indexer
+            if ix.scanning and (ix.records_written, ix.scan_checked) != last:
+                log.info("scanning: %d entries checked, %d differ from the manifest, %d records written, "
+                         "%d pending", ix.scan_checked, ix.scan_differ, ix.records_written, len(ix.pending))
+                last = (ix.records_written, ix.scan_checked)
             self.journal.compact(self.retain)
 
 

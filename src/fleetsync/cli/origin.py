@@ -23,10 +23,13 @@ from fleetsync.cli.options import LISTEN, token_option, verbose_option
               help="Scanner: seconds between passes.")
 @click.option("--scan-rate", default=5000.0, show_default=True, type=click.FloatRange(1.0),
               help="Scanner: file lstat calls per second for in-place edit detection (I/O budget).")
+@click.option("--reconcile-rate", default=0.0, show_default=True, type=click.FloatRange(0.0),
+              help="Start-up/overflow rescans: at most this many lstat calls per second (0 = unlimited).")
 @token_option
 @verbose_option
 def command(root: str, state: str, listen: tuple[str, int], settle: float, retain: int, allow_empty_root: bool,
-            ignore: tuple[str, ...], detector: str, scan_interval: float, scan_rate: float, token: str | None,
+            ignore: tuple[str, ...], detector: str, scan_interval: float, scan_rate: float, reconcile_rate: float,
+            token: str | None,
             verbose: int) -> None:
     """Watch ROOT, journal every change, and serve the feed to replicas."""
     from fleetsync.cli import setup_logging
@@ -36,4 +39,4 @@ def command(root: str, state: str, listen: tuple[str, int], settle: float, retai
     setup_logging(verbose)
     run_origin(root, state, listen, settle=settle, token=token, retain=retain, allow_empty=allow_empty_root,
                ignore=list(DEFAULT_IGNORE) + list(ignore), detector=detector, scan_interval=scan_interval,
-               scan_rate=scan_rate)
+               scan_rate=scan_rate, reconcile_rate=reconcile_rate)

@@ -53,7 +53,7 @@ class Indexer:
     """Origin-side hint sink and record producer."""
 
     def __init__(self, root: str, journal: SqliteJournal, *, settle: float = 0.2, open_timeout: float = 60.0,
-                 ignore: paths.IgnoreRules | None = None, allow_empty: bool = False,
+                 ignore: paths.IgnoreRules | None = None, allow_empty: bool = False, scan_rate: float = 0.0,
                  on_commit: Callable[[int], None] | None = None) -> None:
         self.root = os.fsencode(os.path.abspath(root))
         self.fs = ConfinedRoot(self.root, cache=False)
@@ -74,6 +74,9 @@ class Indexer:
         self._shadow: dict[bytes, Entry | None] = {}
         self._inflight = 0
         self.records_written = 0
+        self.scan_rate = scan_rate
+        self.scan_checked = 0
+        self.scan_differ = 0
 
     # -- HintSink --------------------------------------------------------------------------------
     def changed(self, path: bytes, *, writing: bool = False, closed: bool = False) -> None:
@@ -187,18 +190,30 @@ class Indexer:
                 log.debug("scan %r: %s", d, e)
 
     def diff_subtree(self, top: bytes) -> Iterator[bytes]:
-        """Paths under top whose lstat differs from the manifest, then manifest paths gone from disk."""
+        """Paths under top whose lstat differs from the manifest, then manifest paths gone from disk.
+
+        Runs at most `scan_rate` lstat calls per second (0 = unlimited), counting progress in
+        `scan_checked` / `scan_differ` for the logs and status.
+        """
         reader = SqliteJournal(self.j.db_path, durable=False)
+        t0 = time.monotonic()
+        n = 0
         try:
             seen: set[bytes] = set()
             for p, st in self.walk(top):
+                n += 1
+                self.scan_checked += 1
+                if self.scan_rate and n > self.scan_rate * (time.monotonic() - t0):
+                    time.sleep(n / self.scan_rate - (time.monotonic() - t0))
                 seen.add(p)
                 row = reader.get_with_local(p)
                 if row is None or not _stat_matches(row[0], row[1], st):
+                    self.scan_differ += 1
                     yield p
-            gone = [p for p, _ in reader.subtree(top)] if top else [p for p, _, _ in reader.iter_local()]
+            gone = (p for p, _ in reader.subtree(top)) if top else (p for p, _, _ in reader.iter_local())
             for p in gone:
                 if p not in seen:
+                    self.scan_differ += 1
                     yield p
         finally:
             reader.close()

@@ -122,6 +122,10 @@ class Replica:
             except (aiohttp.ClientError, asyncio.TimeoutError, FleetsyncError, OSError) as e:
                 await self._failed(f"{type(e).__name__}: {e}", backoff)
                 backoff = min(backoff * 2, 5.0)
+            except Exception as e:  # noqa: BLE001 - a bug must not stop serving; it is logged loudly
+                log.exception("replica %s: unexpected error", self.id)
+                await self._failed(f"internal error {type(e).__name__}: {e}", backoff)
+                backoff = min(backoff * 2, 5.0)
 
     async def _failed(self, msg: str, delay: float) -> None:
         if msg != self.last_error:

@@ -334,7 +334,7 @@ class ConfinedRoot:
         except (OSError, UnsafePath):
             return 0
         n = 0
-        for nm in os.listdir(dfd):
+        for nm in map(os.fsencode, os.listdir(dfd)):
             if nm.startswith(paths.TEMP_PREFIX) and nm.endswith(paths.TEMP_SUFFIX):
                 try:
                     os.unlink(nm, dir_fd=dfd)
