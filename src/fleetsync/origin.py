@@ -40,6 +40,7 @@ class Origin:
                                on_commit=self._committed, scan_rate=reconcile_rate)
         self.scan_interval, self.scan_rate = scan_interval, scan_rate
         self.fallback_scan: ScanDetector | None = None
+        self._detecting = False
         self.detector = self._make_detector(detector)
         self.retain = retain
         self.started = time.time()
@@ -75,11 +76,14 @@ class Origin:
     def _unwatched(self, rel: bytes) -> None:
         """inotify could not watch rel: cover it with the scanner so nothing goes silent."""
         if self.fallback_scan is None:
+            # The scanner shares the detector's live set of unwatched subtrees (kept up to date
+            # when they are moved or deleted).
+            det = self.detector
+            assert isinstance(det, InotifyDetector)
             self.fallback_scan = ScanDetector(self.root, self.journal.db_path, interval=self.scan_interval,
-                                              rate=self.scan_rate, scopes={rel})
-            self.fallback_scan.start(self.indexer)
-        else:
-            self.fallback_scan.add_scope(rel)
+                                              rate=self.scan_rate, scopes=det.unwatched)
+            if self._detecting:
+                self.fallback_scan.start(self.indexer)
 
     def _committed(self, n: int) -> None:
         self.server.notify()
@@ -88,6 +92,7 @@ class Origin:
         return {"root": self.root, "pending": self.indexer.busy(), "paused": self.indexer.paused,
                 "entries": self.journal.count(), "detector": self.detector.name,
                 "unwatched": len(getattr(self.detector, "unwatched", ())),
+                "overflows": getattr(self.detector, "overflows", 0),
                 "scan": {"running": self.indexer.scanning, "checked": self.indexer.scan_checked,
                          "differ": self.indexer.scan_differ},
                 "uptime": round(time.time() - self.started, 1)}
@@ -101,6 +106,9 @@ class Origin:
         first = self.indexer.initial_scan_needed()
         log.info("change detection: %s", self.detector.name)
         self.detector.start(self.indexer)
+        self._detecting = True
+        if self.fallback_scan is not None:
+            self.fallback_scan.start(self.indexer)
         self.indexer.drain = self.detector.drain
         runner = await start_server(self.server, host, port)
         log.info("origin serving %s on http://%s:%d (journal %s, seq %d)", self.root, host, port,

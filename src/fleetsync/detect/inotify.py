@@ -83,6 +83,7 @@ class InotifyDetector:
         return True
 
     def _drop_tree(self, rel: bytes) -> None:
+        self.unwatched.difference_update({u for u in self.unwatched if paths.is_under(u, rel)})
         for p in [p for p in self.path_wd if paths.is_under(p, rel)]:
             wd = self.path_wd.pop(p)
             self.wd_path.pop(wd, None)
@@ -92,6 +93,10 @@ class InotifyDetector:
                 pass
 
     def _rebase_tree(self, old: bytes, new: bytes) -> None:
+        moved_scopes = {u for u in self.unwatched if paths.is_under(u, old)}
+        if moved_scopes:
+            self.unwatched.difference_update(moved_scopes)
+            self.unwatched.update(paths.rebase(u, old, new) for u in moved_scopes)
         moved = [(p, wd) for p, wd in self.path_wd.items() if paths.is_under(p, old)]
         for p, _ in moved:
             del self.path_wd[p]

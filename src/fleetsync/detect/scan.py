@@ -57,9 +57,13 @@ class ScanDetector:
         self._thread = threading.Thread(target=self._run, name="scan-detector", daemon=True)
         self._thread.start()
 
-    def add_scope(self, rel: bytes) -> None:
-        """Also cover this subtree (thread-safe enough: a set add)."""
-        self.scopes = self.scopes | {rel}
+    def _scopes(self) -> list[bytes]:
+        """A copy of the (possibly shared, live) scope set."""
+        while True:
+            try:
+                return list(self.scopes)
+            except RuntimeError:  # changed size during iteration (another thread): retry
+                continue
 
     def drain(self) -> None:
         """Nothing is queued: the scanner posts hints as it finds them."""
@@ -76,11 +80,11 @@ class ScanDetector:
         try:
             # First pass: remember every directory's identity without hinting (start-up reconcile
             # already compared the tree with the manifest).
-            for scope in list(self.scopes):
+            for scope in self._scopes():
                 self._structure(reader, scope, prime=True)
             while not self._stop.wait(self.interval):
                 t0 = time.monotonic()
-                for scope in list(self.scopes):
+                for scope in self._scopes():
                     self._structure(reader, scope)
                 budget = max(int(self.rate * self.interval), 100)
                 self._edits(reader, budget)
@@ -148,8 +152,9 @@ class ScanDetector:
             (self._edit_cursor, budget)).fetchall()
         if len(rows) < budget:
             self._edit_cursor = b""
+        scopes = self._scopes()
         for path, size, mtime, ino, ctime in rows:
-            if not any(paths.is_under(path, s) for s in self.scopes):
+            if not any(paths.is_under(path, s) for s in scopes):
                 continue
             st = self._lstat(path)
             if st is None:
