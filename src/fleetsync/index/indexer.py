@@ -73,6 +73,8 @@ class Indexer:
         self._wake = asyncio.Event()
         self._shadow: dict[bytes, Entry | None] = {}
         self._inflight = 0
+        self._held: set[tuple[int, int]] | None = None
+        self._held_at = -1.0
         self.records_written = 0
         self.scan_rate = scan_rate
         self.scan_checked = 0
@@ -242,10 +244,15 @@ class Indexer:
     def _ready(self, now: float) -> tuple[list[bytes], float]:
         ready: list[bytes] = []
         next_at = 1.0
+        held: set[tuple[int, int]] | None = None
         for p, h in self.pending.items():
             due = h.deadline
-            if h.writing and due <= now and not self._may_be_open(p):
-                h.writing = False
+            if h.writing and due <= now:
+                # Quiet but no close seen (truncate(2), links, mmap): is anyone still holding it open?
+                if held is None:
+                    held = self._held_open()
+                if not self._may_be_open(p, held):
+                    h.writing = False
             if h.writing:
                 due = max(h.deadline, h.first + self.open_timeout)
             if due <= now:
@@ -256,13 +263,47 @@ class Indexer:
                 next_at = min(next_at, due - now)
         return ready, max(next_at, 0.005)
 
-    def _may_be_open(self, path: bytes) -> bool:
-        """Only a regular file with a single link can be waiting for its writer's close.
+    def _may_be_open(self, path: bytes, held: set[tuple[int, int]] | None) -> bool:
+        """Could a writer still be about to close path? Only a regular file some process holds open.
 
-        A symlink or hard link creation reports IN_CREATE without any close event.
+        A symlink or hard link creation reports IN_CREATE without any close event; truncate(2)
+        reports IN_MODIFY without one. `held` is None when /proc cannot tell (then assume open).
         """
         st = self.fs.lstat(path)
-        return st is not None and stat.S_ISREG(st.st_mode) and st.st_nlink == 1
+        if st is None or not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+            return False
+        return held is None or (st.st_dev, st.st_ino) in held
+
+    def _held_open(self) -> set[tuple[int, int]] | None:
+        """(dev, ino) of every file some process has open, from /proc (cached for 0.5 s)."""
+        now = time.monotonic()
+        if now - self._held_at < 0.5:
+            return self._held
+        self._held_at = now
+        held: set[tuple[int, int]] = set()
+        try:
+            pids = [p for p in os.listdir("/proc") if p.isdigit()]
+        except OSError:
+            self._held = None
+            return None
+        complete = True
+        for pid in pids:
+            try:
+                fds = os.listdir(f"/proc/{pid}/fd")
+            except PermissionError:
+                complete = False
+                continue
+            except OSError:
+                continue
+            for fd in fds:
+                try:
+                    st = os.stat(f"/proc/{pid}/fd/{fd}")
+                except OSError:
+                    continue
+                if stat.S_ISREG(st.st_mode):
+                    held.add((st.st_dev, st.st_ino))
+        self._held = held if complete else None
+        return self._held
 
     def _check_root(self) -> None:
         try:
