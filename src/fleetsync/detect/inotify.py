@@ -184,6 +184,10 @@ class InotifyDetector:
                 if is_dir:
                     self._drop_tree(p)
                     self._rebase_tree(src[0], p)
+                    # Unpaired moves out of the moved directory now live under its new name.
+                    for ck, (q, qdir) in list(self._moves.items()):
+                        if paths.is_under(q, src[0]):
+                            self._moves[ck] = (paths.rebase(q, src[0], p), qdir)
                 sink.moved(src[0], p, is_dir)
             elif is_dir:
                 self.watch_tree(p)

@@ -107,24 +107,21 @@ class Indexer:
         self._wake.set()
 
     def moved(self, old: bytes, new: bytes, is_dir: bool) -> None:
-        """A rename inside the root: becomes one move record when the manifest knows `old`."""
+        """A rename inside the root: becomes one move record if the manifest knows `old` by then."""
         if self.ignore.ignored(new):
             self.removed(old)
             return
-        known = self.j.get(old) if not self.ignore.ignored(old) else None
         # Carry pending hints along with the rename.
         for p in [p for p in self.pending if paths.is_under(p, old)]:
             self.pending[paths.rebase(p, old, new)] = self.pending.pop(p)
-        if known is None:
-            if is_dir:
-                self.rescan(new)
-            else:
-                self.changed(new, closed=True)
+        if self.ignore.ignored(old):
+            self.changed(new, closed=True)
             return
+        # Whether `old` is known is decided when the move is committed, in order with earlier
+        # moves (a child of a directory moved a moment ago is known only under its new name).
         self._moves.append(Change(MOVE, new, None, old))
-        # Verify the destination after it settles (content may differ from the manifest).
         if not is_dir:
-            self.changed(new)
+            self.changed(new)  # verify the destination once it settles
         self._wake.set()
 
     def rescan(self, path: bytes) -> None:
@@ -233,7 +230,11 @@ class Indexer:
         """Process settled hints until stop is set."""
         while not stop.is_set():
             self._wake.clear()
-            delay = await self.process_ready()
+            try:
+                delay = await self.process_ready()
+            except Exception:  # noqa: BLE001 - never stop indexing; hints were put back
+                log.exception("indexer batch failed; retrying in 1 s")
+                delay = 1.0
             try:
                 await asyncio.wait_for(self._wake.wait(), delay)
             except asyncio.TimeoutError:
@@ -335,7 +336,7 @@ class Indexer:
             log.warning("resuming: root is back")
             self.paused = None
         moves, self._moves = self._moves, []
-        self._commit(self._move_changes(moves))
+        self._commit_moves(moves)
         for p in ready:
             del self.pending[p]
         self._inflight = len(ready)
@@ -346,6 +347,10 @@ class Indexer:
             self.drain()
             obs = [o for o in obs if o.path not in self.pending]
             self._commit(self._changes(obs))
+        except BaseException:
+            for p in ready:  # nothing of this batch was committed: keep every hint
+                self.changed(p)
+            raise
         finally:
             self._inflight = 0
         return 0.0 if len(ready) >= BATCH else delay
@@ -356,20 +361,17 @@ class Indexer:
             self.records_written += len(recs)
             self.on_commit(len(recs))
 
-    def _move_changes(self, moves: list[Change]) -> list[Change]:
-        """Renames seen by the detector whose source the manifest knows become move records."""
-        changes: list[Change] = []
-        for m in moves:
-            assert m.old_path is not None
-            cur = self.j_get(m.old_path, changes)
-            if cur is None:
-                self.rescan(m.path)
-                continue
-            ch = Change(MOVE, m.path, cur, m.old_path)
-            changes.append(ch)
-            self._apply_shadow(ch)
-        self._shadow.clear()
-        return changes
+    def _commit_moves(self, moves: list[Change]) -> None:
+        """Commit detector renames in order; a rename of something the manifest does not know is a rescan."""
+        if not moves:
+            return
+        unknown: list[Change] = []
+        recs = self.j.commit(moves, unresolved=unknown)
+        for m in unknown:
+            self.rescan(m.path)
+        if recs:
+            self.records_written += len(recs)
+            self.on_commit(len(recs))
 
     def _observe(self, ready: list[bytes]) -> list[_Obs]:
         """lstat (and hash where needed) each ready path; runs in a worker thread."""

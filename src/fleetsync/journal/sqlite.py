@@ -194,8 +194,14 @@ class SqliteJournal:
         return seq, rows()
 
     # -- writes ----------------------------------------------------------------------------------
-    def commit(self, changes: Iterable[Change], now: float | None = None) -> list[Record]:
-        """Origin: assign seqs to changes, append them and update the manifest in one transaction."""
+    def commit(self, changes: Iterable[Change], now: float | None = None,
+               unresolved: list[Change] | None = None) -> list[Record]:
+        """Origin: assign seqs to changes, append them and update the manifest in one transaction.
+
+        A MOVE without an entry takes the manifest entry of its old path at that point of the
+        transaction; if the manifest has no such path the move is skipped and, when given,
+        appended to `unresolved`.
+        """
         ts = time.time() if now is None else now
         out: list[Record] = []
         with self._lock:
@@ -203,8 +209,16 @@ class SqliteJournal:
             try:
                 seq = self._head
                 for ch in changes:
+                    entry = ch.entry
+                    if ch.op == MOVE and entry is None:
+                        assert ch.old_path is not None
+                        entry = self.get(ch.old_path)
+                        if entry is None or ch.old_path == ch.path:
+                            if unresolved is not None and entry is None:
+                                unresolved.append(ch)
+                            continue
                     seq += 1
-                    rec = Record(seq, ch.op, ch.path, ch.entry, ch.old_path, ts)
+                    rec = Record(seq, ch.op, ch.path, entry, ch.old_path, ts)
                     self._append(rec)
                     self._apply_manifest(rec, ch.local)
                     out.append(rec)
