@@ -22,10 +22,29 @@ SC_DIR = b"sc"
 SC_FILES = [os.path.join(SC_DIR, b"page%02d.html" % i) for i in range(8)]
 
 
-@pytest.fixture(scope="module")
-def conv_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+def _fanotify_reason() -> str | None:
+    try:
+        from fleetsync.detect.fanotify import fanotify_available
+    except ImportError as e:
+        return f"fanotify backend not importable: {e}"
+    ok, why = fanotify_available("/tmp")
+    return None if ok else why
+
+
+# The same suite runs once per change-detection backend.
+DETECTORS = {
+    "inotify": ["--detector", "inotify"],
+    "scan": ["--detector", "scan", "--scan-interval", "0.2", "--settle", "0.5"],
+    "fanotify": ["--detector", "fanotify"],
+}
+
+
+@pytest.fixture(scope="module", params=list(DETECTORS))
+def conv_cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     """One origin + two replicas shared by the tests of this module, seeded with self-checking files."""
-    base = tmp_path_factory.mktemp("conv")
+    if request.param == "fanotify" and (why := _fanotify_reason()):
+        pytest.skip(f"fanotify backend unavailable here ({why}); run as root on Linux >= 5.9")
+    base = tmp_path_factory.mktemp(f"conv-{request.param}")
     origin_root = base / "origin" / "root"
     os.makedirs(os.path.join(os.fsencode(origin_root), SC_DIR), exist_ok=True)
     os.makedirs(os.path.join(os.fsencode(origin_root), b"w"), exist_ok=True)
@@ -33,7 +52,7 @@ def conv_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     for rel in SC_FILES:
         with open(os.path.join(os.fsencode(origin_root), rel), "wb") as f:
             f.write(selfcheck.make(rng.randbytes(rng.randint(1, 4096))))
-    with running_cluster(base, n_replicas=2) as c:
+    with running_cluster(base, n_replicas=2, origin_args=DETECTORS[request.param]) as c:
         c.wait_converged(timeout=60)
         yield c
 

@@ -160,7 +160,8 @@ class Cluster:
     """An origin plus N replicas, each with its own root, state dir and log, under ``base``."""
 
     def __init__(self, base: Path, n_replicas: int = 2, ids: Sequence[str] | None = None,
-                 settle: float | None = None, replica_listen: bool = False, anchor: bool = True) -> None:
+                 settle: float | None = None, replica_listen: bool = False, anchor: bool = True,
+                 origin_args: Sequence[str] = ()) -> None:
         """Lay out directories; with ``anchor`` write a never-deleted ``anchor`` file in the origin root."""
         self.base = Path(base)
         self.ids = list(ids) if ids is not None else [f"r{i + 1}" for i in range(n_replicas)]
@@ -172,6 +173,7 @@ class Cluster:
                 "--listen", f"127.0.0.1:{self.origin.port}"]
         if settle is not None:
             args += ["--settle", str(settle)]
+        args += list(origin_args)
         self.origin.proc = Proc("origin", args, self.origin.log, self.base)
         self.replicas: dict[str, Node] = {}
         for rid in self.ids:

@@ -43,6 +43,7 @@ class ScanDetector:
         self.scopes = scopes if scopes is not None else {b""}
         self._listed: dict[bytes, tuple[int, int]] = {}
         self._edit_cursor = b""
+        self._hinted: dict[bytes, tuple[int, int, int, int] | None] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._post: Callable[..., object] = lambda *a: None
@@ -152,14 +153,21 @@ class ScanDetector:
             (self._edit_cursor, budget)).fetchall()
         if len(rows) < budget:
             self._edit_cursor = b""
+            # A full cycle ended: forget hints for vanished paths (their rows are gone by now).
+            self._hinted = {p: sig for p, sig in self._hinted.items()
+                            if sig is not None or reader.get(p) is not None}
         scopes = self._scopes()
         for path, size, mtime, ino, ctime in rows:
             if not any(paths.is_under(path, s) for s in scopes):
                 continue
             st = self._lstat(path)
-            if st is None:
-                self._post(self._sink.removed, path)
-            elif (st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns) != (size, mtime, ino, ctime):
-                self._post(self._sink.changed, path)
+            sig = None if st is None else (st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
+            if sig == (size, mtime, ino, ctime):
+                self._hinted.pop(path, None)
+            elif self._hinted.get(path, 0) != sig:
+                # Hint once per distinct state: re-hinting an unchanged difference on every pass
+                # would keep postponing the settle deadline forever.
+                self._hinted[path] = sig
+                self._post(self._sink.removed if st is None else self._sink.changed, path)
         if rows and len(rows) == budget:
             self._edit_cursor = rows[-1][0]

@@ -103,7 +103,11 @@ class Indexer:
         if self.ignore.ignored(path):
             return
         now = time.monotonic()
-        self.pending[path] = Pending(now + min(self.settle, 0.05), False, now, removed=True)
+        cur = self.pending.get(path)
+        if cur is not None and cur.removed:
+            return  # already waiting to verify this removal; a repeat is not new activity
+        # Same settle as changes, so a rename seen as delete + create lands in one batch (inode match).
+        self.pending[path] = Pending(now + self.settle, False, now, removed=True)
         self._wake.set()
 
     def moved(self, old: bytes, new: bytes, is_dir: bool) -> None:
