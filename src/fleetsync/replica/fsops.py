@@ -47,6 +47,7 @@ class ConfinedRoot:
         self.fd = os.open(self.root, _DIR_FLAGS)
         self._dirs: dict[bytes, int] = {}
         self._cache = cache
+        self._tmpfile = hasattr(os, "O_TMPFILE") and os.path.isdir("/proc/self/fd")
 
     def close(self) -> None:
         """Release directory descriptors."""
@@ -168,29 +169,51 @@ class ConfinedRoot:
     def _temp_name(self) -> bytes:
         return paths.TEMP_PREFIX + f"{os.getpid()}.{next(_counter)}".encode() + paths.TEMP_SUFFIX
 
-    def open_temp(self, path: bytes) -> tuple[int, bytes, int]:
-        """Create a temp file in path's directory: (dir fd, temp name, file fd)."""
+    def open_temp(self, path: bytes) -> tuple[int, bytes | None, int]:
+        """An unnamed (O_TMPFILE) or named temp file in path's directory: (dir fd, temp name or None, fd).
+
+        An O_TMPFILE file is invisible until linked and vanishes by itself after a crash; where the
+        filesystem lacks O_TMPFILE a named `.fleetsync.*.tmp` file is used instead.
+        """
         dfd, _ = self._at(path, create_parents=True)
+        if self._tmpfile:
+            try:
+                return dfd, None, os.open(".", os.O_WRONLY | os.O_TMPFILE | os.O_CLOEXEC, 0o600, dir_fd=dfd)
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT):
+                    raise
+                self._tmpfile = False
         tmp = self._temp_name()
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dfd)
         return dfd, tmp, fd
 
-    def commit_temp(self, path: bytes, dfd: int, tmp: bytes, fd: int, e: Entry) -> None:
-        """Set mode and mtime on a written temp file, then rename it over path."""
+    def commit_temp(self, path: bytes, dfd: int, tmp: bytes | None, fd: int, e: Entry) -> None:
+        """Set mode and mtime on a written temp file, then put it at path atomically."""
         try:
             os.fchmod(fd, e.mode)
             os.utime(fd, ns=(e.mtime_ns, e.mtime_ns))
+            if tmp is None:
+                # A new name: link the unnamed file straight into place (one directory operation).
+                try:
+                    os.link(f"/proc/self/fd/{fd}", paths.name(path), dst_dir_fd=dfd, follow_symlinks=True)
+                    return
+                except FileExistsError:
+                    pass
+                tmp = self._temp_name()
+                os.link(f"/proc/self/fd/{fd}", tmp, dst_dir_fd=dfd, follow_symlinks=True)
         finally:
             os.close(fd)
         self._replace(dfd, tmp, path)
 
-    def abort_temp(self, dfd: int, tmp: bytes, fd: int | None = None) -> None:
+    def abort_temp(self, dfd: int, tmp: bytes | None, fd: int | None = None) -> None:
         """Remove an unfinished temp file."""
         if fd is not None:
             try:
                 os.close(fd)
             except OSError:
                 pass
+        if tmp is None:
+            return
         try:
             os.unlink(tmp, dir_fd=dfd)
         except OSError:
