@@ -8,6 +8,14 @@ Linux >= 5.9; uses `FAN_RENAME` (>= 5.17) to report a rename as one event and
 `FAN_REPORT_TARGET_FID` (>= 5.17) to locate directories that were deleted before their events
 were read. Everything goes through ctypes on glibc; there are no per-directory limits to hit.
 
+Resolving a handle is not always possible at once. A directory deleted before its events are
+read is located from the delete events (its parent's handle + name; exact with TARGET_FID), and an
+event whose directory cannot be located yet waits up to LIMBO_WAIT for the delete that explains
+it (usually one outside the root: dropped). Decoding a *live* directory whose dentry was evicted
+can fail with ESTALE/ENOMEM while it is being renamed (measured on ext4), so those are retried.
+Only then does an event fall back to a rescan of where its directory was last seen, or of the
+whole root: a hint may be redundant, never missing.
+
 The detector keeps the root directory open (it is the mount fd for `open_by_handle_at`), so the
 kernel defers the root's own DELETE_SELF; losing the root is recognised from the DELETE/RENAME
 record in its parent (or a deleted ancestor), which compares the full path with the root's.
@@ -20,6 +28,7 @@ covered by the mark (fanotify only; logged at start-up and listed in `unwatched`
 from __future__ import annotations
 
 import asyncio
+import collections
 import ctypes
 import ctypes.util
 import errno
@@ -29,6 +38,7 @@ import re
 import stat
 import struct
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -89,6 +99,17 @@ READ_SIZE = 256 * 1024
 #: Upper bound of events read by one drain() (the default kernel queue holds 16384).
 MAX_EVENTS_PER_DRAIN = 65536
 CACHE_MAX = 16384
+#: open_by_handle_at attempts for a directory that may still exist (see _Resolver.resolve).
+OPEN_ATTEMPTS = 4
+#: readlink + lstat rounds before a directory that keeps moving is given up on.
+VERIFY_ATTEMPTS = 4
+#: How long an event whose directory cannot be located waits for the delete event that explains it.
+LIMBO_WAIT = 0.2
+LIMBO_MAX = 10000
+
+
+class _Deferred(Exception):
+    """The event's directory cannot be located yet: retry it after the next read."""
 GONE_MAX = 65536
 
 
@@ -272,6 +293,11 @@ def parse_events(buf: bytes) -> list[FanEvent]:
     return out
 
 
+def paths_join(base: bytes, name: bytes) -> bytes:
+    """Join a root-relative directory (b"" = root) and a name."""
+    return name if not base else base + b"/" + name
+
+
 def _join_abs(d: bytes, name: bytes) -> bytes:
     return b"/" + name if d == b"/" else d + b"/" + name
 
@@ -294,10 +320,17 @@ class _Resolver:
         self.inside = inside
         self.cache: dict[bytes, tuple[bytes, int, int]] = {}
         self.failures = 0
+        self.retries = 0
+        self.reasons: collections.Counter[str] = collections.Counter()
         self._warned = False
 
-    def resolve(self, handle: bytes) -> bytes | None:
-        """Current absolute path of the directory, or None if it no longer exists (or cannot be opened)."""
+    def resolve(self, handle: bytes, *, known_gone: bool = False) -> bytes | None:
+        """Current absolute path of the directory, or None if it no longer exists (or cannot be opened).
+
+        ESTALE/ENOMEM do not prove the directory is gone: decoding a handle whose dentry was
+        evicted reconnects it through its parents and can lose a race with a concurrent rename
+        (measured on ext4). Such failures are retried unless the directory is known deleted.
+        """
         hit = self.cache.get(handle)
         if hit is not None:
             try:
@@ -306,35 +339,51 @@ class _Resolver:
                     return hit[0]
             except OSError:
                 pass
-        for _ in range(2):  # one retry: the directory may move between readlink and lstat
+        attempts = 1 if known_gone else OPEN_ATTEMPTS
+        verify_left = VERIFY_ATTEMPTS  # the directory may move between readlink and lstat
+        while True:
             try:
                 fd = open_by_handle(self.mount_fd, handle, os.O_PATH)
             except OSError as e:
-                self.failures += 1
-                if e.errno not in (errno.ESTALE, errno.ENOENT) and not self._warned:
+                attempts -= 1
+                if e.errno in (errno.ESTALE, errno.ENOENT, errno.ENOMEM):
+                    if attempts > 0:
+                        self.retries += 1
+                        continue
+                    return self._fail(errno.errorcode.get(e.errno, "?"))
+                if not self._warned:
                     self._warned = True
                     log.error("fanotify: cannot resolve directory handles (%s); falling back to rescans", e)
-                return None
+                return self._fail(errno.errorcode.get(e.errno or 0, "?"))
             try:
                 st = os.fstat(fd)
                 if st.st_nlink == 0 or not stat.S_ISDIR(st.st_mode):
-                    return None
+                    return self._fail("deleted")
                 path = fd_path(fd)
-            except OSError:
-                return None
+            except OSError as e:
+                return self._fail(f"fstat/readlink: {errno.errorcode.get(e.errno or 0, '?')}")
             finally:
                 os.close(fd)
             if not self.inside(path):
                 return path
             try:
                 st2 = os.lstat(path)
+                same = (st2.st_dev, st2.st_ino) == (st.st_dev, st.st_ino)
             except OSError:
-                continue
-            if (st2.st_dev, st2.st_ino) == (st.st_dev, st.st_ino):
+                same = False
+            if same:
                 if len(self.cache) >= CACHE_MAX:
                     self.cache.clear()
                 self.cache[handle] = (path, st.st_dev, st.st_ino)
                 return path
+            verify_left -= 1
+            if verify_left <= 0:
+                return self._fail("moving")
+            self.retries += 1
+
+    def _fail(self, reason: str) -> None:
+        self.failures += 1
+        self.reasons[reason] += 1
         return None
 
     def last_known(self, handle: bytes) -> bytes | None:
@@ -359,6 +408,11 @@ class FanotifyDetector:
         self._gone: dict[bytes, tuple[bytes, bytes]] = {}
         self._fallbacks: set[bytes] = set()
         self._last_move: tuple[bytes, bytes] | None = None
+        self._limbo: list[tuple[FanEvent, float]] = []
+        self._pos = -1  # index of the event being dispatched in the current batch (-1: from limbo)
+        self._dir_moves: list[tuple[int, bytes | None]] = []  # (index, where that directory is now)
+        self._limbo_timer: asyncio.TimerHandle | None = None
+        self._final = True
         self.overflows = 0
         self.events = 0
         self.fallback_rescans = 0
@@ -448,6 +502,10 @@ class FanotifyDetector:
 
     def close(self) -> None:
         """Stop watching and release the descriptors (idempotent)."""
+        if self._limbo_timer is not None:
+            self._limbo_timer.cancel()
+            self._limbo_timer = None
+        self._limbo.clear()
         if self._fd >= 0:
             if self._loop is not None and self._reading:
                 try:
@@ -475,15 +533,40 @@ class FanotifyDetector:
             events = self._read_all()
             self._fallbacks.clear()
             self._collect_gone(events)
-            for ev in events:
+            self._collect_dir_moves(events)
+            now = time.monotonic()
+            if self._limbo:
+                # Older than anything just read: retry them first, now that their deletes may be known.
+                waiting, self._limbo = self._limbo, []
+                crowded = len(waiting) >= LIMBO_MAX
+                self._pos = -1
+                for ev, t0 in waiting:
+                    self._run(ev, t0, final=crowded or now - t0 >= LIMBO_WAIT)
+            for i, ev in enumerate(events):
                 self.events += 1
-                try:
-                    self._dispatch(ev)
-                except Exception:  # noqa: BLE001 - one bad event must not lose the others
-                    log.exception("fanotify: failed to dispatch event mask %#x; rescanning", ev.mask)
-                    self._fallback_rescan(b"")
+                self._pos = i
+                self._run(ev, now, final=False)
+            if self._limbo and self._limbo_timer is None and self._loop is not None:
+                self._limbo_timer = self._loop.call_later(LIMBO_WAIT, self._limbo_due)
         finally:
             self._draining = False
+
+    def _limbo_due(self) -> None:
+        self._limbo_timer = None
+        self.drain()
+
+    def _run(self, ev: FanEvent, t0: float, *, final: bool) -> None:
+        """Dispatch one event; park it in limbo if its directory cannot be located yet (unless final)."""
+        self._final = final
+        try:
+            self._dispatch(ev)
+        except _Deferred:
+            self._limbo.append((ev, t0))
+        except Exception:  # noqa: BLE001 - one bad event must not lose the others
+            log.exception("fanotify: failed to dispatch event mask %#x; rescanning", ev.mask)
+            self._fallback_rescan(b"")
+        finally:
+            self._final = True
 
     def _read_all(self) -> list[FanEvent]:
         events: list[FanEvent] = []
@@ -528,17 +611,55 @@ class FanotifyDetector:
                 self._gone[child] = (parent, name)
             prev = ev
 
+    def _collect_dir_moves(self, events: list[FanEvent]) -> None:
+        """Where each directory renamed in this batch is now (None: unknown).
+
+        Handles resolve to *current* paths, which already include renames queued later in the
+        batch. A move is only exact if neither of its parent directories lies under a directory
+        renamed later (see _rename); everything else the indexer re-checks after earlier moves.
+        """
+        self._dir_moves = []
+        if not self.has_rename:
+            return
+        for i, ev in enumerate(events):
+            if ev.mask & FAN_RENAME and ev.mask & FAN_ONDIR:
+                loc: bytes | None = None
+                if ev.new is not None:
+                    parent, how = self._locate(ev.new[0])  # _final is set here: never defers
+                    if parent is not None and how != STALE:
+                        loc = _join_abs(parent, ev.new[1])
+                        if self._rel(loc) is None and not self._covers_root(loc):
+                            continue  # elsewhere on the filesystem: cannot hold a path of the root
+                self._dir_moves.append((i, loc))
+
+    def _moved_later(self, *dirs: bytes) -> bool:
+        """True if a directory renamed after the current event holds (or is) one of dirs."""
+        if self._pos < 0:
+            return True  # retried from limbo: later events were already dispatched
+        for idx, loc in self._dir_moves:
+            if idx <= self._pos:
+                continue
+            if loc is None:
+                return True
+            for d in dirs:
+                if d == loc or d.startswith(loc + b"/"):
+                    return True
+        return False
+
     # -- resolution ------------------------------------------------------------------------------
     def _locate(self, handle: bytes, depth: int = 0) -> tuple[bytes | None, str]:
         """Absolute path of a directory handle and how it was found (LIVE, GONE or STALE)."""
-        p = self._res.resolve(handle)
-        if p is not None:
-            return p, LIVE
         g = self._gone.get(handle)
+        if g is None:  # a handle seen deleted never comes back (handles carry a generation)
+            p = self._res.resolve(handle)
+            if p is not None:
+                return p, LIVE
         if g is not None and depth < 256:
             parent, how = self._locate(g[0], depth + 1)
             if parent is not None:
                 return _join_abs(parent, g[1]), (GONE if how != STALE else STALE)
+        if not self._final:
+            raise _Deferred
         last = self._res.last_known(handle)
         if last is not None:
             return last, STALE
@@ -569,14 +690,20 @@ class FanotifyDetector:
         assert self._sink is not None
         self._sink.rescan(rel)
 
-    def _unlocatable(self, dirabs: bytes | None, what: str) -> None:
-        """A directory handle could not be resolved exactly: rescan where it was last seen, or the root."""
+    def _unlocatable(self, dirabs: bytes | None, what: str) -> bytes | None:
+        """A directory handle could not be resolved exactly: rescan where it was last seen, or the root.
+
+        Returns the root-relative last-known path of the directory (None when unknown or outside),
+        so the caller can also send the event's own hint there: a pending hint is checked after
+        the indexer has committed earlier moves, a rescan compares with the manifest right away.
+        """
         rel = self._rel(dirabs) if dirabs is not None else None
         if dirabs is not None and rel is None:
             log.debug("fanotify: %s: directory last seen outside the root at %r", what, dirabs)
-            return
+            return None
         log.debug("fanotify: %s: directory handle unresolvable; rescanning %r", what, rel or b"")
         self._fallback_rescan(rel or b"")
+        return rel
 
     # -- dispatch --------------------------------------------------------------------------------
     def _dispatch(self, ev: FanEvent) -> None:
@@ -607,11 +734,13 @@ class FanotifyDetector:
             return
         self._last_move = None
         dirabs, how = self._locate(ev.dfid)
+        is_dir = bool(m & FAN_ONDIR)
         if dirabs is None or how == STALE:
-            self._unlocatable(dirabs, f"event {m:#x} on {ev.name!r}")
+            last = self._unlocatable(dirabs, f"event {m:#x} on {ev.name!r}")
+            if last is not None:
+                self._child_event(m, paths_join(last, ev.name), is_dir)
             return
         full = _join_abs(dirabs, ev.name)
-        is_dir = bool(m & FAN_ONDIR)
         if m & (FAN_DELETE | FAN_MOVED_FROM) and is_dir and self._covers_root(full):
             sink.root_lost(f"root directory (or its parent) {full!r} was deleted or moved away")
             return
@@ -633,8 +762,8 @@ class FanotifyDetector:
         # Other directories' DELETE_SELF/MOVE_SELF: the DELETE/RENAME in the parent carries the
         # path. A merged ATTRIB (chmod, then rename before the read) must still be reported.
         if ev.mask & FAN_ATTRIB:
-            dirabs, how = self._locate(ev.dfid)
-            if dirabs is None or how != LIVE:
+            dirabs = self._res.resolve(ev.dfid, known_gone=ev.dfid in self._gone)
+            if dirabs is None:
                 return  # the directory is gone; its removal is reported in its parent
             rel = self._rel(dirabs)
             if rel is not None:
@@ -677,10 +806,27 @@ class FanotifyDetector:
             sink.root_lost(f"root path {new_full!r} was replaced by a rename")
             return
         if ohow == STALE:
-            self._unlocatable(odir, f"rename from {ev.old[1]!r}")
+            last = self._unlocatable(odir, f"rename from {ev.old[1]!r}")
+            if last is not None:
+                sink.removed(paths_join(last, ev.old[1]))
         if nhow == STALE:
-            self._unlocatable(ndir, f"rename to {ev.new[1]!r}")
-        if old_rel is not None and new_rel is not None:
+            last = self._unlocatable(ndir, f"rename to {ev.new[1]!r}")
+            if last is not None:
+                p = paths_join(last, ev.new[1])
+                if is_dir:
+                    sink.rescan(p)
+                else:
+                    sink.changed(p, closed=True)
+        if old_rel is not None and new_rel is not None and odir is not None and ndir is not None \
+                and self._moved_later(odir, ndir):
+            # A parent was renamed after this event, so these are not the paths the indexer knows
+            # at this point of the stream: a removal plus an arrival, both checked after that move.
+            sink.removed(old_rel)
+            if is_dir:
+                sink.rescan(new_rel)
+            else:
+                sink.changed(new_rel, closed=True)
+        elif old_rel is not None and new_rel is not None:
             sink.moved(old_rel, new_rel, is_dir)
             self._last_move = (old_rel, new_rel)
             if prev == (new_rel, old_rel):

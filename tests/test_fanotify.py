@@ -1,0 +1,707 @@
+"""fanotify detector against the real kernel: hints for changes inside the root, nothing from outside.
+
+Most tests run on a tmpfs mounted for the test (root and an "outside" sibling on the same
+filesystem, so the filesystem-wide mark really sees the outside events and the detector must
+filter them); one runs on the filesystem of pytest's tmp dir. Everything skips, with the reason
+from `fanotify_available`, when the backend cannot run here (not root, old kernel, no file
+handles, mounting not permitted).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import os
+import random
+import shutil
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fleetsync.detect import HintSink
+from fleetsync.detect.fanotify import FanotifyDetector, fanotify_available, kernel_version
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="fanotify is Linux-only")
+
+Call = tuple[Any, ...]
+
+
+class RecordingSink:
+    """A HintSink that records every call as a tuple."""
+
+    def __init__(self) -> None:
+        self.calls: list[Call] = []
+
+    def changed(self, path: bytes, *, writing: bool = False, closed: bool = False) -> None:
+        self.calls.append(("changed", path, writing, closed))
+
+    def removed(self, path: bytes) -> None:
+        self.calls.append(("removed", path))
+
+    def moved(self, old: bytes, new: bytes, is_dir: bool) -> None:
+        self.calls.append(("moved", old, new, is_dir))
+
+    def rescan(self, path: bytes) -> None:
+        self.calls.append(("rescan", path))
+
+    def root_lost(self, reason: str) -> None:
+        self.calls.append(("root_lost", reason))
+
+    def paths(self) -> set[bytes]:
+        """Every path mentioned by a hint."""
+        out: set[bytes] = set()
+        for c in self.calls:
+            if c[0] == "moved":
+                out.update((c[1], c[2]))
+            elif c[0] != "root_lost":
+                out.add(c[1])
+        return out
+
+
+_sink_check: HintSink = RecordingSink()  # RecordingSink must satisfy the protocol
+
+
+# -- fixtures ------------------------------------------------------------------------------------
+@pytest.fixture
+def fs(tmp_path: Path) -> Iterator[Path]:
+    """A fresh tmpfs with `root/` (watched) and `outside/` (same filesystem, not watched)."""
+    if os.geteuid() != 0:
+        ok, why = fanotify_available(tmp_path)
+        pytest.skip(f"fanotify unavailable: {why}")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m,mode=0755", "fleetsync-test", str(mnt)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs for the fanotify tests: {r.stderr.strip()}")
+    try:
+        (mnt / "root").mkdir()
+        (mnt / "outside").mkdir()
+        ok, why = fanotify_available(mnt / "root")
+        if not ok:
+            pytest.skip(f"fanotify unavailable on tmpfs: {why}")
+        yield mnt
+    finally:
+        if subprocess.run(["umount", str(mnt)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+@pytest.fixture
+def root(fs: Path) -> Path:
+    """The watched root inside the test tmpfs."""
+    return fs / "root"
+
+
+class Watch:
+    """A started detector plus its recording sink."""
+
+    def __init__(self, det: FanotifyDetector, sink: RecordingSink, root: Path) -> None:
+        self.det, self.sink, self.root = det, sink, root
+
+    async def until(self, pred: Callable[[Call], bool], what: str, timeout: float = 5.0) -> Call:
+        """Wait until a recorded call satisfies pred (events arrive through the loop's reader)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            for c in self.sink.calls:
+                if pred(c):
+                    return c
+            if loop.time() > deadline:
+                raise AssertionError(f"timed out waiting for {what}; calls so far: {self.sink.calls!r}")
+            await asyncio.sleep(0.005)
+
+    async def barrier(self) -> None:
+        """Write a marker file in the root and wait for its hint: every earlier event has been handled."""
+        name = f".barrier-{uuid.uuid4().hex[:8]}".encode()
+        with open(os.path.join(os.fsencode(self.root), name), "wb") as f:
+            f.write(b"x")
+        await self.until(lambda c: c[0] == "changed" and c[1] == name and c[3], f"barrier {name!r}")
+
+    def calls_for(self, path: bytes) -> list[Call]:
+        """Recorded calls that mention path."""
+        return [c for c in self.sink.calls if c[0] != "root_lost" and path in c[1:3]]
+
+
+@pytest.fixture
+async def make_watch() -> AsyncIterator[Callable[..., Watch]]:
+    """Factory: make_watch(root, start=True, **detector options) -> Watch; all closed at teardown."""
+    made: list[FanotifyDetector] = []
+
+    def factory(root: Path, start: bool = True, **kw: Any) -> Watch:
+        det = FanotifyDetector(root, **kw)
+        made.append(det)
+        sink = RecordingSink()
+        if start:
+            det.start(sink)
+        return Watch(det, sink, root)
+
+    yield factory
+    for d in made:
+        d.close()
+
+
+RENAME_MODES = [pytest.param(True, id="FAN_RENAME"), pytest.param(False, id="MOVED_FROM+MOVED_TO")]
+
+
+def _w(path: Path | bytes, data: bytes = b"data") -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+# -- availability --------------------------------------------------------------------------------
+def test_kernel_version_parsing() -> None:
+    assert kernel_version("5.4.0-42-generic") == (5, 4)
+    assert kernel_version("6.18.44-fc-v669") == (6, 18)
+    assert kernel_version() >= (2, 6)
+
+
+def test_available_on_tmpfs(root: Path) -> None:
+    ok, why = fanotify_available(root)
+    assert ok, why
+
+
+def test_unavailable_without_file_handles(root: Path) -> None:
+    ok, why = fanotify_available("/proc")
+    assert not ok
+    assert "file handles" in why
+
+
+def test_unavailable_when_not_root(root: Path) -> None:
+    if shutil.which("setpriv") is None:
+        pytest.skip("setpriv (util-linux) not installed")
+    code = "import os, sys; from fleetsync.detect.fanotify import fanotify_available as f; " \
+           "print(f(sys.argv[1]))"
+    r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", code,
+                        "/"], capture_output=True, text=True, cwd="/")
+    if r.returncode != 0:
+        pytest.skip(f"cannot run python as nobody here: {r.stderr.strip()[-300:]}")
+    assert "(False, 'not root" in r.stdout, r.stdout
+
+
+def test_detector_error_names_the_root(tmp_path: Path) -> None:
+    with pytest.raises(OSError, match="fanotify detector for .*missing"):
+        FanotifyDetector(tmp_path / "missing")
+
+
+# -- basic events --------------------------------------------------------------------------------
+async def test_created_written_closed_file(root: Path, make_watch: Callable[..., Watch]) -> None:
+    w = make_watch(root)
+    _w(root / "a.txt")
+    await w.until(lambda c: c == ("changed", b"a.txt", False, True), "changed(a.txt, closed=True)")
+    # the last hint for the path says "closed", so the indexer does not wait for more writes
+    assert [c for c in w.calls_for(b"a.txt") if c[0] == "changed"][-1][3] is True
+
+
+async def test_write_without_close_is_writing(root: Path, make_watch: Callable[..., Watch]) -> None:
+    w = make_watch(root)
+    with open(root / "big.bin", "wb") as f:
+        f.write(b"x" * 4096)
+        f.flush()
+        await w.until(lambda c: c == ("changed", b"big.bin", True, False), "changed(big.bin, writing=True)")
+    await w.until(lambda c: c == ("changed", b"big.bin", False, True), "changed(big.bin, closed=True)")
+
+
+async def test_attrib(root: Path, make_watch: Callable[..., Watch]) -> None:
+    _w(root / "f")
+    (root / "d").mkdir()
+    w = make_watch(root)
+    os.chmod(root / "f", 0o600)
+    os.chmod(root / "d", 0o700)
+    os.chmod(root, 0o711)
+    await w.until(lambda c: c == ("changed", b"f", False, False), "changed(f)")
+    await w.until(lambda c: c == ("changed", b"d", False, False), "changed(d)")
+    await w.until(lambda c: c == ("changed", b"", False, False), "changed(root)")
+
+
+async def test_mkdir_yields_rescan(root: Path, make_watch: Callable[..., Watch]) -> None:
+    w = make_watch(root)
+    (root / "sub").mkdir()
+    await w.until(lambda c: c == ("rescan", b"sub"), "rescan(sub)")
+    (root / "sub" / "deeper").mkdir()
+    _w(root / "sub" / "deeper" / "f.html")
+    await w.until(lambda c: c == ("rescan", b"sub/deeper"), "rescan(sub/deeper)")
+    await w.until(lambda c: c == ("changed", b"sub/deeper/f.html", False, True), "changed(sub/deeper/f.html)")
+
+
+async def test_delete_yields_removed(root: Path, make_watch: Callable[..., Watch]) -> None:
+    (root / "d").mkdir()
+    _w(root / "d" / "f")
+    w = make_watch(root)
+    os.unlink(root / "d" / "f")
+    await w.until(lambda c: c == ("removed", b"d/f"), "removed(d/f)")
+    os.rmdir(root / "d")
+    await w.until(lambda c: c == ("removed", b"d"), "removed(d)")
+    assert not [c for c in w.sink.calls if c[0] == "root_lost"]
+
+
+# -- renames -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("use_rename", RENAME_MODES)
+async def test_rename_file_within_root(root: Path, make_watch: Callable[..., Watch], use_rename: bool) -> None:
+    (root / "d").mkdir()
+    _w(root / "old.txt")
+    w = make_watch(root, use_rename=use_rename)
+    assert w.det.has_rename == use_rename
+    os.rename(root / "old.txt", root / "d" / "new.txt")
+    if use_rename:
+        await w.until(lambda c: c == ("moved", b"old.txt", b"d/new.txt", False), "moved(old.txt -> d/new.txt)")
+        await w.barrier()
+        assert not [c for c in w.sink.calls if c[0] == "removed"], "FAN_RENAME mode must not add removals"
+    else:
+        await w.until(lambda c: c == ("removed", b"old.txt"), "removed(old.txt)")
+        await w.until(lambda c: c == ("changed", b"d/new.txt", False, True), "changed(d/new.txt, closed)")
+
+
+@pytest.mark.parametrize("use_rename", RENAME_MODES)
+async def test_rename_directory(root: Path, make_watch: Callable[..., Watch], use_rename: bool) -> None:
+    (root / "a" / "b").mkdir(parents=True)
+    _w(root / "a" / "b" / "f")
+    w = make_watch(root, use_rename=use_rename)
+    os.rename(root / "a", root / "z")
+    if use_rename:
+        await w.until(lambda c: c == ("moved", b"a", b"z", True), "moved(a -> z, dir)")
+    else:
+        await w.until(lambda c: c == ("removed", b"a"), "removed(a)")
+        await w.until(lambda c: c == ("rescan", b"z"), "rescan(z)")
+    # events inside the moved directory now carry its new path
+    _w(root / "z" / "b" / "g")
+    await w.until(lambda c: c == ("changed", b"z/b/g", False, True), "changed(z/b/g)")
+
+
+async def test_rename_across_the_root_boundary(fs: Path, root: Path, make_watch: Callable[..., Watch]) -> None:
+    out = fs / "outside"
+    _w(out / "in.txt")
+    (out / "indir").mkdir()
+    _w(root / "leaving.txt")
+    (root / "leavingdir").mkdir()
+    w = make_watch(root)
+    os.rename(out / "in.txt", root / "in.txt")
+    os.rename(out / "indir", root / "indir")
+    os.rename(root / "leaving.txt", out / "leaving.txt")
+    os.rename(root / "leavingdir", out / "leavingdir")
+    await w.until(lambda c: c == ("changed", b"in.txt", False, True), "changed(in.txt) for a move-in")
+    await w.until(lambda c: c == ("rescan", b"indir"), "rescan(indir) for a dir move-in")
+    await w.until(lambda c: c == ("removed", b"leaving.txt"), "removed(leaving.txt) for a move-out")
+    await w.until(lambda c: c == ("removed", b"leavingdir"), "removed(leavingdir) for a dir move-out")
+    # events in a directory that left the root are no longer reported
+    _w(out / "leavingdir" / "later")
+    await w.barrier()
+    assert not [p for p in w.sink.paths() if p.endswith(b"later")]
+
+
+async def test_rename_exchange_verifies_both_paths(root: Path, make_watch: Callable[..., Watch]) -> None:
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    if not hasattr(libc, "renameat2"):
+        pytest.skip("glibc without renameat2")
+    _w(root / "x", b"xx")
+    _w(root / "y", b"yyy")
+    w = make_watch(root)
+    if not w.det.has_rename:
+        pytest.skip("kernel without FAN_RENAME")
+    rename_exchange = 2
+    if libc.renameat2(-100, bytes(root / "x"), -100, bytes(root / "y"), rename_exchange) != 0:
+        pytest.skip(f"renameat2(RENAME_EXCHANGE) failed: {os.strerror(ctypes.get_errno())}")
+    await w.until(lambda c: c == ("rescan", b"x"), "rescan(x) after an exchange")
+    await w.until(lambda c: c == ("rescan", b"y"), "rescan(y) after an exchange")
+
+
+# -- filtering -----------------------------------------------------------------------------------
+async def test_events_outside_the_root_are_not_reported(fs: Path, root: Path,
+                                                        make_watch: Callable[..., Watch]) -> None:
+    out = fs / "outside"
+    (fs / "rootlike").mkdir()  # a sibling whose name starts like the root's
+    w = make_watch(root)
+    _w(out / "o1")
+    (out / "od").mkdir()
+    _w(out / "od" / "o2")
+    os.chmod(out / "o1", 0o600)
+    os.rename(out / "o1", out / "od" / "o3")
+    os.unlink(out / "od" / "o2")
+    shutil.rmtree(out / "od")
+    _w(fs / "rootlike" / "o4")
+    _w(fs / "top-level-file")
+    await w.barrier()
+    bad = [c for c in w.sink.calls if c[0] != "changed" or not c[1].startswith(b".barrier-")]
+    assert not bad, f"hints for events outside the root: {bad!r}"
+    assert w.det.fallback_rescans == 0
+
+
+async def test_outside_noise_in_deleted_dirs_does_not_rescan_root(
+        fs: Path, root: Path, make_watch: Callable[..., Watch]) -> None:
+    """Directories created and removed outside the root before their events are read stay silent."""
+    w = make_watch(root, start=False)  # the mark exists: events queue until start()
+    for i in range(3):
+        d = fs / "outside" / f"t{i}" / "a" / "b"
+        d.mkdir(parents=True)
+        _w(d / "f")
+        shutil.rmtree(fs / "outside" / f"t{i}")
+    w.det.start(w.sink)
+    await w.barrier()
+    assert w.sink.calls and all(c[1].startswith(b".barrier-") for c in w.sink.calls), w.sink.calls
+    assert w.det.fallback_rescans == 0
+
+
+@pytest.mark.parametrize("use_target_fid", [pytest.param(True, id="target-fid"),
+                                            pytest.param(False, id="no-target-fid")])
+async def test_deleted_tree_inside_root_is_reported(root: Path, make_watch: Callable[..., Watch],
+                                                    use_target_fid: bool) -> None:
+    """Directories deleted before their events are read: rebuilt from delete events, else rescanned.
+
+    Without FAN_REPORT_TARGET_FID (kernels < 5.17) unread events of one process merge (the
+    DELETE lands on the earlier CREATE), so the detector may only know a rescan is needed.
+    """
+    w = make_watch(root, start=False, use_target_fid=use_target_fid)
+    (root / "x" / "y" / "z").mkdir(parents=True)
+    _w(root / "x" / "y" / "z" / "f")
+    shutil.rmtree(root / "x")
+    w.det.start(w.sink)
+    await w.until(lambda c: c == ("removed", b"x"), "removed(x)")
+    await w.barrier()
+    rescanned = [c[1] for c in w.sink.calls if c[0] == "rescan"]
+    for p in (b"x", b"x/y", b"x/y/z", b"x/y/z/f"):
+        covered = ("removed", p) in w.sink.calls or any(
+            not r or p == r or p.startswith(r + b"/") for r in rescanned)
+        assert covered, f"no hint covers {p!r}: {w.sink.calls!r}"
+    if use_target_fid and w.det.target_fid:
+        # with the child's fid in each delete event every path is rebuilt exactly, no rescans
+        for p in (b"x/y", b"x/y/z", b"x/y/z/f"):
+            assert ("removed", p) in w.sink.calls, (p, w.sink.calls)
+        assert w.det.fallback_rescans == 0
+    assert not [c for c in w.sink.calls if c[0] == "root_lost"]
+
+
+# -- names ---------------------------------------------------------------------------------------
+async def test_non_utf8_and_newline_names_are_exact_bytes(root: Path, make_watch: Callable[..., Watch]) -> None:
+    w = make_watch(root)
+    broot = bytes(root)
+    names = [b"caf\xe9.html", b"new\nline.txt", b"sp ace \xff\xfe", b"n" * 255]
+    for n in names:
+        _w(broot + b"/" + n)
+    d = b"dir\xff\nname"
+    os.mkdir(broot + b"/" + d)
+    _w(broot + b"/" + d + b"/inner\n\x80")
+    for n in names:
+        await w.until(lambda c, n=n: c == ("changed", n, False, True), f"changed({n!r})")
+    await w.until(lambda c: c == ("rescan", d), f"rescan({d!r})")
+    await w.until(lambda c: c == ("changed", d + b"/inner\n\x80", False, True), "changed(inner)")
+    os.rename(broot + b"/" + d, broot + b"/" + d + b"\n2")
+    await w.until(lambda c: c[0] in ("moved", "rescan") and d + b"\n2" in c, "rename of the odd directory")
+
+
+# -- the root itself -----------------------------------------------------------------------------
+async def test_deleting_the_root_yields_root_lost(root: Path, make_watch: Callable[..., Watch]) -> None:
+    (root / "sub").mkdir()
+    _w(root / "sub" / "f")
+    w = make_watch(root)
+    shutil.rmtree(root)
+    await w.until(lambda c: c[0] == "root_lost", "root_lost after rm -rf root")
+
+
+async def test_moving_the_root_yields_root_lost(fs: Path, root: Path, make_watch: Callable[..., Watch]) -> None:
+    w = make_watch(root)
+    os.rename(root, fs / "moved-root")
+    await w.until(lambda c: c[0] == "root_lost", "root_lost after the root was renamed")
+
+
+async def test_deleting_the_roots_parent_yields_root_lost(fs: Path, make_watch: Callable[..., Watch]) -> None:
+    deep = fs / "parent" / "www"
+    deep.mkdir(parents=True)
+    _w(deep / "index.html")
+    w = make_watch(deep, start=False)
+    shutil.rmtree(fs / "parent")
+    w.det.start(w.sink)
+    await w.until(lambda c: c[0] == "root_lost", "root_lost after the root's parent was deleted")
+
+
+# -- queue overflow and lifecycle ----------------------------------------------------------------
+async def test_queue_overflow_rescans_root(fs: Path, root: Path, make_watch: Callable[..., Watch]) -> None:
+    try:
+        limit = int(Path("/proc/sys/fs/fanotify/max_queued_events").read_text())
+    except OSError:
+        limit = 16384
+    if limit > 100_000:
+        pytest.skip(f"fanotify queue limit {limit} is too large to overflow quickly")
+    w = make_watch(root, start=False)
+    out = fs / "outside" / "many"
+    out.mkdir()
+    for i in range(limit + 500):  # one (merged) event per new name
+        (out / str(i)).touch()
+    w.det.start(w.sink)
+    await w.until(lambda c: c == ("rescan", b""), "rescan(b'') after FAN_Q_OVERFLOW")
+    assert w.det.overflows >= 1
+
+
+async def test_drain_is_safe_any_time(root: Path, make_watch: Callable[..., Watch]) -> None:
+    w = make_watch(root, start=False)
+    w.det.drain()  # before start: nothing to deliver to, must not raise or consume
+    _w(root / "early")
+    w.det.start(w.sink)
+    w.det.drain()
+    w.det.drain()
+    await w.until(lambda c: c == ("changed", b"early", False, True), "event queued before start()")
+    w.det.close()
+    w.det.close()
+    w.det.drain()  # after close: no-op
+    assert w.det.fileno() == -1
+
+
+# -- the filesystem of the test tmp dir (often the system's root filesystem) ---------------------
+async def test_on_tmp_path_filesystem(tmp_path: Path, make_watch: Callable[..., Watch]) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    (tmp_path / "outside").mkdir()
+    ok, why = fanotify_available(root)
+    if not ok:
+        pytest.skip(f"fanotify unavailable on {tmp_path}: {why}")
+    w = make_watch(root)
+    _w(tmp_path / "outside" / "noise")
+    (root / "d").mkdir()
+    _w(root / "d" / "f")
+    await w.until(lambda c: c == ("rescan", b"d"), "rescan(d)")
+    await w.until(lambda c: c == ("changed", b"d/f", False, True), "changed(d/f)")
+    await w.barrier()
+    assert not [p for p in w.sink.paths() if b"noise" in p]
+
+
+async def test_dir_chmod_then_rename_before_read_keeps_attrib(root: Path, make_watch: Callable[..., Watch]) -> None:
+    """ATTRIB merged with the directory's MOVE_SELF must still produce a hint (under the new name)."""
+    (root / "d").mkdir()
+    w = make_watch(root, start=False)
+    os.chmod(root / "d", 0o700)
+    os.rename(root / "d", root / "e")
+    w.det.start(w.sink)
+    await w.until(lambda c: c == ("changed", b"e", False, False), "changed(e) for the chmod")
+
+
+async def test_submount_below_root_is_listed_unwatched(root: Path, make_watch: Callable[..., Watch]) -> None:
+    sub = root / "mnt"
+    sub.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "fleetsync-sub", str(sub)]).returncode != 0:
+        pytest.skip("cannot mount a nested tmpfs")
+    try:
+        w = make_watch(root)
+        assert w.det.unwatched == {b"mnt"}
+        w.det.close()
+    finally:
+        subprocess.run(["umount", str(sub)])
+
+
+async def test_outside_churn_during_inside_renames(fs: Path, root: Path, make_watch: Callable[..., Watch]) -> None:
+    """Trees created and deleted next to the root while directories move inside it: exact inside
+    hints, nothing from outside, and no fallback rescans (events in directories deleted before
+    they were resolved wait for the delete that locates them)."""
+    w = make_watch(root)
+    for i in range(10):
+        (root / f"a{i}" / "b").mkdir(parents=True)
+    await w.barrier()
+
+    def outside_churn() -> None:
+        for k in range(60):
+            t = fs / "outside" / f"t{k % 3}"
+            (t / "p" / "q" / "r").mkdir(parents=True)
+            for j in range(5):
+                (t / "p" / "q" / "r" / f"f{j}").touch()
+            shutil.rmtree(t)
+
+    churn = asyncio.create_task(asyncio.to_thread(outside_churn))
+    for rnd in range(20):
+        for i in range(10):
+            src, dst = (f"a{i}", f"x{i}") if rnd % 2 == 0 else (f"x{i}", f"a{i}")
+            os.rename(root / src, root / dst)
+            _w(root / dst / "b" / f"f{rnd}")
+        await asyncio.sleep(0)
+    await churn
+    await w.barrier()
+    assert not [p for p in w.sink.paths() if p.startswith((b"t0", b"t1", b"t2", b"p/"))], "outside events leaked"
+    for i in range(10):  # 20 rounds: back at a{i}; the last file was written as x{i}/b/f19 before the move
+        assert ("moved", f"x{i}".encode(), f"a{i}".encode(), True) in w.sink.calls
+        # reported under the directory's path when the event was read: before or after its move
+        assert {("changed", f"{d}{i}/b/f19".encode(), False, True) for d in "xa"} & set(w.sink.calls), i
+    assert w.det.fallback_rescans == 0
+
+
+class ManifestSink(RecordingSink):
+    """A sink that keeps the set of paths the way the indexer does: moves of known paths are applied
+    at once (they are trusted records) and carry pending hints along; every other hint is checked
+    against the disk afterwards."""
+
+    def __init__(self, root: Path, known: set[bytes], *, verify_sources: bool = False) -> None:
+        super().__init__()
+        self.root = os.fsencode(root)
+        self.known = set(known)
+        self.to_check: set[bytes] = set()
+        self.verify_sources = verify_sources  # also re-check the old side of every move
+
+    def moved(self, old: bytes, new: bytes, is_dir: bool) -> None:
+        super().moved(old, new, is_dir)
+        for p in [p for p in self.to_check if p == old or p.startswith(old + b"/")]:
+            self.to_check.discard(p)  # like Indexer.moved: pending hints follow the rename
+            self.to_check.add(new + p[len(old):])
+        if self.verify_sources:
+            self.to_check.add(old)
+        if old not in self.known:  # like Indexer.moved: unknown source -> verify the destination
+            self.to_check.add(new)
+            return
+        if not is_dir:
+            self.to_check.add(new)  # Indexer.moved verifies a moved file's content
+        for p in [p for p in self.known if p == new or p.startswith(new + b"/")]:
+            self.known.discard(p)
+        for p in [p for p in self.known if p == old or p.startswith(old + b"/")]:
+            self.known.discard(p)
+            self.known.add(new + p[len(old):])
+
+    def _hint(self, path: bytes) -> None:
+        self.to_check.add(path)
+
+    def changed(self, path: bytes, *, writing: bool = False, closed: bool = False) -> None:
+        super().changed(path, writing=writing, closed=closed)
+        self._hint(path)
+
+    def removed(self, path: bytes) -> None:
+        super().removed(path)
+        self._hint(path)
+
+    def rescan(self, path: bytes) -> None:
+        super().rescan(path)
+        self._hint(path)
+
+    def settle(self) -> set[bytes]:
+        """Verify every hinted path (and what lies below it) against the disk; return the result."""
+        for top in self.to_check:
+            under = [p for p in self.known if p == top or p.startswith(top + b"/")]
+            for p in under:
+                if not os.path.lexists(os.path.join(self.root, p)):
+                    self.known.discard(p)
+            if top.startswith(b".barrier-"):
+                continue
+            full = os.path.join(self.root, top) if top else self.root
+            if os.path.isdir(full) and not os.path.islink(full):
+                if top:
+                    self.known.add(top)
+                for dp, dns, fns in os.walk(full):
+                    for n in dns + fns:
+                        self.known.add(os.path.relpath(os.path.join(dp, n), self.root))
+            elif os.path.lexists(full) and top:
+                self.known.add(top)
+        self.to_check.clear()
+        return self.known
+
+
+def _tree(root: Path) -> set[bytes]:
+    broot = os.fsencode(root)
+    out: set[bytes] = set()
+    for dp, dns, fns in os.walk(broot):
+        for n in dns + fns:
+            rel = os.path.relpath(os.path.join(dp, n), broot)
+            if not rel.startswith(b".barrier-"):
+                out.add(rel)
+    return out
+
+
+@pytest.mark.parametrize("scenario", ["child-then-parent", "into-dir-then-dir-renamed"])
+async def test_renames_read_late_stay_consistent(root: Path, make_watch: Callable[..., Watch],
+                                                 scenario: str) -> None:
+    """Directory handles resolve to *current* paths, which already include renames queued later:
+    the hints must still bring a manifest from the old tree to the new one."""
+    (root / "X" / "sub1").mkdir(parents=True)
+    _w(root / "X" / "sub1" / "f")
+    _w(root / "X" / "g")
+    (root / "Q").mkdir()
+    w = make_watch(root, start=False)
+    sink = ManifestSink(root, _tree(root))
+    w.sink = sink
+    if scenario == "child-then-parent":
+        os.rename(root / "X" / "sub1", root / "Y")  # read back as Z/sub1 -> Y ...
+        os.rename(root / "X", root / "Z")  # ... because X is already Z
+    else:
+        os.rename(root / "X", root / "Q" / "Y")  # read back as X -> R/Y ...
+        os.rename(root / "Q", root / "R")  # ... because Q is already R
+    w.det.start(sink)
+    await w.barrier()
+    assert sink.settle() == _tree(root), sink.calls
+
+
+def _random_ops(root: Path, outside: Path, rng: random.Random, n: int) -> list[tuple[bytes, bytes]]:
+    """Apply n random tree operations (mostly inside root, some across the boundary or outside).
+
+    Returns the renames done inside the root, as root-relative (old, new) at the time they happened.
+    """
+    renames: list[tuple[bytes, bytes]] = []
+    broot, bout = os.fsencode(root), os.fsencode(outside)
+    names = [b"a", b"b", b"c", b"caf\xe9", b"n\nl", b"d d"]
+
+    def entries(base: bytes, dirs_only: bool = False) -> list[bytes]:
+        out = []
+        for dp, dns, fns in os.walk(base):
+            out += [os.path.join(dp, x) for x in dns]
+            if not dirs_only:
+                out += [os.path.join(dp, x) for x in fns]
+        return out
+
+    for _ in range(n):
+        base = bout if rng.random() < 0.15 else broot
+        dirs = [base] + entries(base, dirs_only=True)
+        op = rng.choice(["mkdir", "create", "create", "rename", "rename_dir", "delete", "rmtree", "chmod", "cross"])
+        try:
+            if op == "mkdir":
+                os.mkdir(os.path.join(rng.choice(dirs), rng.choice(names)))
+            elif op == "create":
+                _w(os.path.join(rng.choice(dirs), rng.choice(names) + b".html"), rng.randbytes(rng.randint(0, 64)))
+            elif op in ("rename", "rename_dir", "cross"):
+                pool = entries(base, dirs_only=(op == "rename_dir"))
+                if op == "cross":
+                    pool = entries(broot) + entries(bout)
+                    dirs = [broot, bout] + entries(broot, True) + entries(bout, True)
+                if pool:
+                    src = rng.choice(pool)
+                    dst = os.path.join(rng.choice(dirs), rng.choice(names))
+                    os.rename(src, dst)
+                    if src.startswith(broot + b"/") and dst.startswith(broot + b"/"):
+                        renames.append((src[len(broot) + 1:], dst[len(broot) + 1:]))
+            elif op == "delete":
+                files = [p for p in entries(base) if not os.path.isdir(p)]
+                if files:
+                    os.unlink(rng.choice(files))
+            elif op == "rmtree":
+                sub = entries(base, dirs_only=True)
+                if sub:
+                    shutil.rmtree(rng.choice(sub))
+            elif op == "chmod":
+                pool = entries(base)
+                if pool:
+                    os.chmod(rng.choice(pool), rng.choice([0o700, 0o755, 0o644]))
+        except OSError:
+            pass  # EINVAL (dir into itself), ENOTEMPTY, EISDIR...: part of the randomness
+    return renames
+
+
+@pytest.mark.parametrize("late", [pytest.param(True, id="read-late"), pytest.param(False, id="read-live")])
+@pytest.mark.parametrize("seed", range(40))
+async def test_random_operations_replay_to_the_tree(fs: Path, root: Path, make_watch: Callable[..., Watch],
+                                                    seed: int, late: bool) -> None:
+    """Random operations, read live or all at once afterwards: every move names a real rename,
+    and re-checking every hinted path turns the old tree into the new one (no change unhinted)."""
+    rng = random.Random(seed)
+    (root / "a" / "b").mkdir(parents=True)
+    _w(root / "a" / "f.html")
+    (fs / "outside" / "o").mkdir()
+    w = make_watch(root, start=False)
+    sink = ManifestSink(root, _tree(root), verify_sources=True)
+    w.sink = sink
+    if not late:
+        w.det.start(sink)
+    renames: set[tuple[bytes, bytes]] = set()
+    for _ in range(4):
+        renames.update(_random_ops(root, fs / "outside", rng, 20))
+        await asyncio.sleep(0)
+    if late:
+        w.det.start(sink)
+    await w.barrier()
+    assert not [c for c in sink.calls if c[0] == "root_lost"], sink.calls
+    bad_moves = [c for c in sink.calls if c[0] == "moved" and (c[1], c[2]) not in renames]
+    assert not bad_moves, f"moves that name no real rename: {bad_moves}; renames done: {sorted(renames)}"
+    assert sink.settle() == _tree(root), sink.calls
