@@ -49,7 +49,7 @@ def _burst(root: Path, n: int, dirs: int = 20) -> None:
 
 @needs_root
 def test_queue_overflow_during_20k_burst_loses_nothing(tmp_path: Path) -> None:
-    c = Cluster(tmp_path / "c", n_replicas=2)
+    c = Cluster(tmp_path / "c", n_replicas=2, origin_args=["--detector", "inotify"])
     try:
         # The queue size is fixed when the origin creates its inotify instance.
         with sysctl("max_queued_events", 64):
@@ -71,7 +71,7 @@ def test_queue_overflow_during_20k_burst_loses_nothing(tmp_path: Path) -> None:
 
 @needs_root
 def test_watch_limit_exhaustion_falls_back_to_scanning(tmp_path: Path) -> None:
-    c = Cluster(tmp_path / "c", n_replicas=1)
+    c = Cluster(tmp_path / "c", n_replicas=1, origin_args=["--detector", "inotify"])
     for d in range(30):
         (c.origin.root / f"dir{d:02d}" / "sub").mkdir(parents=True)
         (c.origin.root / f"dir{d:02d}" / "sub" / "a.html").write_bytes(b"a")

@@ -7,6 +7,7 @@ import errno
 import logging
 import os
 import stat
+import time
 from collections.abc import Callable
 
 from inotify_simple import INotify
@@ -20,6 +21,8 @@ log = logging.getLogger("fleetsync.detect.inotify")
 MASK = (F.CREATE | F.MODIFY | F.CLOSE_WRITE | F.ATTRIB | F.DELETE | F.MOVED_FROM | F.MOVED_TO
         | F.DELETE_SELF | F.MOVE_SELF | F.ONLYDIR | F.DONT_FOLLOW | F.EXCL_UNLINK)
 PAIR_WAIT = 0.02
+#: A directory whose watch is younger than this is rescanned after it is moved.
+YOUNG = 5.0
 
 
 class InotifyDetector:
@@ -34,6 +37,8 @@ class InotifyDetector:
         self.path_wd: dict[bytes, int] = {}
         self.unwatched: set[bytes] = set()
         self._moves: dict[int, tuple[bytes, bool]] = {}
+        self._lost: set[bytes] = set()
+        self._added_at: dict[int, float] = {}
         self._sink: HintSink | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._flush_handle: asyncio.TimerHandle | None = None
@@ -72,7 +77,14 @@ class InotifyDetector:
                 self.unwatched.add(rel)
                 self.on_unwatched(rel)
                 return False
-            if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.EACCES, errno.ELOOP):
+            if e.errno in (errno.ENOENT, errno.ENOTDIR):
+                # Gone by the time we got to it: deleted, or an ancestor was renamed and the
+                # event's path is stale. If a rename of an ancestor follows, watch it there.
+                if len(self._lost) >= 4096:
+                    self._lost.clear()  # bounded: these are only stale names of deleted dirs
+                self._lost.add(rel)
+                return False
+            if e.errno in (errno.EACCES, errno.ELOOP):
                 return False
             raise
         old = self.wd_path.get(wd)
@@ -80,9 +92,12 @@ class InotifyDetector:
             self.path_wd.pop(old, None)
         self.wd_path[wd] = rel
         self.path_wd[rel] = wd
+        self._added_at[wd] = time.monotonic()
         return True
 
     def _drop_tree(self, rel: bytes) -> None:
+        if self._lost:
+            self._lost = {q for q in self._lost if not paths.is_under(q, rel)}
         self.unwatched.difference_update({u for u in self.unwatched if paths.is_under(u, rel)})
         for p in [p for p in self.path_wd if paths.is_under(p, rel)]:
             wd = self.path_wd.pop(p)
@@ -152,6 +167,7 @@ class InotifyDetector:
         mask = ev.mask
         if mask & F.Q_OVERFLOW:
             self.overflows += 1
+            self._lost.clear()
             log.warning("inotify queue overflow: rescanning the whole root")
             sink.rescan(b"")
             return
@@ -188,6 +204,18 @@ class InotifyDetector:
                     for ck, (q, qdir) in list(self._moves.items()):
                         if paths.is_under(q, src[0]):
                             self._moves[ck] = (paths.rebase(q, src[0], p), qdir)
+                    # Directories created inside it that we failed to watch under the old name.
+                    lost = {q for q in self._lost if paths.is_under(q, src[0])}
+                    self._lost -= lost
+                    for q in lost:
+                        self.watch_tree(paths.rebase(q, src[0], p))
+                    # A directory watched only moments ago may have gained entries before its
+                    # watch existed, and the scan that would find them looked under the old name.
+                    now = time.monotonic()
+                    young = any(now - self._added_at.get(wd, 0.0) < YOUNG
+                                for q, wd in self.path_wd.items() if paths.is_under(q, p))
+                    if lost or young:
+                        sink.rescan(p)
                 sink.moved(src[0], p, is_dir)
             elif is_dir:
                 self.watch_tree(p)

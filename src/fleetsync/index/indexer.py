@@ -54,12 +54,15 @@ class Indexer:
 
     def __init__(self, root: str, journal: SqliteJournal, *, settle: float = 0.2, open_timeout: float = 60.0,
                  ignore: paths.IgnoreRules | None = None, allow_empty: bool = False, scan_rate: float = 0.0,
-                 on_commit: Callable[[int], None] | None = None) -> None:
+                 on_commit: Callable[[int], None] | None = None, close_events: bool = True) -> None:
         self.root = os.fsencode(os.path.abspath(root))
         self.fs = ConfinedRoot(self.root, cache=False)
         self.j = journal
         self.settle = settle
         self.open_timeout = open_timeout
+        #: False when the detector cannot report closes (the scanner): then every settled file is
+        #: also checked for open descriptors before it is recorded.
+        self.close_events = close_events
         self.ignore = ignore or paths.IgnoreRules()
         self.allow_empty = allow_empty
         self.on_commit = on_commit or (lambda n: None)
@@ -252,12 +255,12 @@ class Indexer:
         held: set[tuple[int, int]] | None = None
         for p, h in self.pending.items():
             due = h.deadline
-            if h.writing and due <= now:
-                # Quiet but no close seen (truncate(2), links, mmap): is anyone still holding it open?
+            if due <= now and not h.removed and (h.writing or not self.close_events):
+                # Quiet but no close seen (truncate(2), links, mmap, or a detector that cannot see
+                # closes at all): is anyone still holding it open?
                 if held is None:
                     held = self._held_open()
-                if not self._may_be_open(p, held):
-                    h.writing = False
+                h.writing = self._may_be_open(p, held)
             if h.writing:
                 due = max(h.deadline, h.first + self.open_timeout)
             if due <= now:
@@ -370,7 +373,15 @@ class Indexer:
         if not moves:
             return
         unknown: list[Change] = []
-        recs = self.j.commit(moves, unresolved=unknown)
+        batch: list[Change] = []
+        added: set[bytes] = set()
+        for m in moves:
+            for anc in reversed(_ancestors(m.path)):
+                if anc not in added and self.j.get(anc) is None:
+                    batch.append(Change(PUT, anc, self._dir_entry(anc)))
+                added.add(anc)
+            batch.append(m)
+        recs = self.j.commit(batch, unresolved=unknown)
         for m in unknown:
             self.rescan(m.path)
         if recs:
@@ -487,18 +498,28 @@ class Indexer:
         return self.j.get(path)
 
     def _ensure_parents(self, path: bytes, changes: list[Change], known: set[bytes]) -> None:
+        """Record any ancestor directory of path the manifest lacks, before path itself.
+
+        Replicas must never hold a directory the origin's manifest does not know (it could never
+        be deleted). An ancestor already gone from disk is recorded with a default mode: its
+        removal is certainly queued as a hint, which then deletes it everywhere.
+        """
         for anc in reversed(_ancestors(path)):
             if anc in known:
                 continue
             cur = self.j_get(anc, changes)
             if cur is None or cur.kind != DIR:
-                st = self.fs.lstat(anc)
-                if st is None or not stat.S_ISDIR(st.st_mode):
-                    return
-                ch = Change(PUT, anc, entry_from_stat(st))
+                ch = Change(PUT, anc, self._dir_entry(anc))
                 changes.append(ch)
                 self._apply_shadow(ch)
             known.add(anc)
+
+    def _dir_entry(self, path: bytes) -> Entry:
+        st = self.fs.lstat(path)
+        if st is not None and stat.S_ISDIR(st.st_mode):
+            return entry_from_stat(st)
+        self.removed(path)
+        return Entry(DIR, 0o755)
 
     def _renamed_from(self, o: _Obs) -> bytes | None:
         """A manifest path that this new path is the same inode as, now gone from disk."""
