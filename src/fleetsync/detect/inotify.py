@@ -161,6 +161,35 @@ class InotifyDetector:
                 self._drop_tree(old)
             self._sink.removed(old)  # type: ignore[union-attr]
 
+    def _dir_moved(self, old: bytes, new: bytes) -> bool:
+        """Re-key watch state for a directory renamed inside the root; True if it must be rescanned."""
+        self._drop_tree(new)
+        self._rebase_tree(old, new)
+        # Unpaired moves out of the moved directory now live under its new name.
+        for ck, (q, qdir) in list(self._moves.items()):
+            if paths.is_under(q, old):
+                self._moves[ck] = (paths.rebase(q, old, new), qdir)
+        # Directories created inside it that we failed to watch under the old name.
+        lost = {q for q in self._lost if paths.is_under(q, old)}
+        self._lost -= lost
+        for q in lost:
+            self.watch_tree(paths.rebase(q, old, new))
+        # A directory watched only moments ago may have gained entries before its watch existed,
+        # and the scan that would have found them looked under the old name.
+        now = time.monotonic()
+        young = any(now - self._added_at.get(wd, 0.0) < YOUNG
+                    for q, wd in self.path_wd.items() if paths.is_under(q, new))
+        return bool(lost) or young
+
+    def _appeared(self, p: bytes, is_dir: bool, writing: bool) -> None:
+        """A new name: watch and scan a directory; hint a file (still being written after a create)."""
+        assert self._sink is not None
+        if is_dir:
+            self.watch_tree(p)
+            self._sink.rescan(p)
+        else:
+            self._sink.changed(p, writing=writing, closed=not writing)
+
     def _dispatch(self, ev) -> None:  # noqa: ANN001 - inotify_simple.Event
         sink = self._sink
         assert sink is not None
@@ -197,38 +226,15 @@ class InotifyDetector:
         if mask & F.MOVED_TO:
             src = self._moves.pop(ev.cookie, None)
             if src is not None:
-                if is_dir:
-                    self._drop_tree(p)
-                    self._rebase_tree(src[0], p)
-                    # Unpaired moves out of the moved directory now live under its new name.
-                    for ck, (q, qdir) in list(self._moves.items()):
-                        if paths.is_under(q, src[0]):
-                            self._moves[ck] = (paths.rebase(q, src[0], p), qdir)
-                    # Directories created inside it that we failed to watch under the old name.
-                    lost = {q for q in self._lost if paths.is_under(q, src[0])}
-                    self._lost -= lost
-                    for q in lost:
-                        self.watch_tree(paths.rebase(q, src[0], p))
-                    # A directory watched only moments ago may have gained entries before its
-                    # watch existed, and the scan that would find them looked under the old name.
-                    now = time.monotonic()
-                    young = any(now - self._added_at.get(wd, 0.0) < YOUNG
-                                for q, wd in self.path_wd.items() if paths.is_under(q, p))
-                    if lost or young:
-                        sink.rescan(p)
+                rescan = is_dir and self._dir_moved(src[0], p)
                 sink.moved(src[0], p, is_dir)
-            elif is_dir:
-                self.watch_tree(p)
-                sink.rescan(p)
+                if rescan:
+                    sink.rescan(p)
             else:
-                sink.changed(p, closed=True)
+                self._appeared(p, is_dir, writing=False)  # moved in from outside the root
             return
         if mask & F.CREATE:
-            if is_dir:
-                self.watch_tree(p)
-                sink.rescan(p)
-            else:
-                sink.changed(p, writing=True)
+            self._appeared(p, is_dir, writing=True)
             return
         if mask & F.DELETE:
             if is_dir:

@@ -24,6 +24,7 @@ from collections.abc import Callable
 
 from fleetsync import paths
 from fleetsync.detect import HintSink
+from fleetsync.entry import DIR
 from fleetsync.journal.sqlite import SqliteJournal
 
 log = logging.getLogger("fleetsync.detect.scan")
@@ -117,7 +118,7 @@ class ScanDetector:
             ident = (st.st_ino, st.st_ctime_ns)
             if self._listed.get(d) == ident:
                 # Unchanged directory: descend using the manifest's subdirectories, no readdir.
-                stack.extend(paths.join(d, n) for n in self._subdirs(reader, d))
+                stack.extend(paths.join(d, n) for n in reader.children(d, kind=DIR))
                 continue
             self._listed[d] = ident
             try:
@@ -136,16 +137,6 @@ class ScanDetector:
                 if d:
                     self._post(self._sink.changed, d)
             stack.extend(paths.join(d, n) for n, is_dir in names.items() if is_dir)
-
-    def _subdirs(self, reader: SqliteJournal, d: bytes) -> list[bytes]:
-        if d:
-            lo, hi = d + b"/", d + b"0"
-            rows = reader.db.execute("SELECT path FROM manifest WHERE kind='d' AND path >= ? AND path < ?", (lo, hi))
-            cut = len(lo)
-        else:
-            rows = reader.db.execute("SELECT path FROM manifest WHERE kind='d'")
-            cut = 0
-        return [p[cut:] for (p,) in rows if b"/" not in p[cut:]]
 
     def _edits(self, reader: SqliteJournal, budget: int) -> None:
         rows = reader.db.execute(

@@ -134,14 +134,15 @@ class SqliteJournal:
         local = LocalStat(row[6], row[7]) if row[6] is not None else None
         return _entry(row[:6]), local
 
-    def children(self, path: bytes) -> list[bytes]:
-        """Direct children names of a directory path in the manifest (b'' is the root)."""
+    def children(self, path: bytes, kind: str | None = None) -> list[bytes]:
+        """Direct children names of a directory path in the manifest (b'' is the root), optionally of one kind."""
+        where, args = ("AND kind = ?", (kind,)) if kind else ("", ())
         if path:
             lo, hi = _subtree_bounds(path)
-            rows = self.db.execute("SELECT path FROM manifest WHERE path >= ? AND path < ?", (lo, hi))
+            rows = self.db.execute(f"SELECT path FROM manifest WHERE path >= ? AND path < ? {where}", (lo, hi, *args))
             plen = len(lo)
         else:
-            rows = self.db.execute("SELECT path FROM manifest")
+            rows = self.db.execute(f"SELECT path FROM manifest WHERE 1 {where}", args)
             plen = 0
         return [p[plen:] for (p,) in rows if b"/" not in p[plen:]]
 
