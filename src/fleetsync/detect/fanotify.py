@@ -16,6 +16,12 @@ can fail with ESTALE/ENOMEM while it is being renamed (measured on ext4), so tho
 Only then does an event fall back to a rescan of where its directory was last seen, or of the
 whole root: a hint may be redundant, never missing.
 
+Paths are resolved when events are read, so they already include renames queued after the
+event. Hints the indexer checks later (changed, removed) are fine with that; a move is only sent
+as `moved` when no directory renamed later in the same batch holds either parent, otherwise as a
+removal plus an arrival. A directory that appears is both rescanned and hinted (the rescan walks
+at once and can miss it if a parent moves right after; the hint is carried along by the move).
+
 The detector keeps the root directory open (it is the mount fd for `open_by_handle_at`), so the
 kernel defers the root's own DELETE_SELF; losing the root is recognised from the DELETE/RENAME
 record in its parent (or a deleted ancestor), which compares the full path with the root's.
@@ -106,6 +112,9 @@ VERIFY_ATTEMPTS = 4
 #: How long an event whose directory cannot be located waits for the delete event that explains it.
 LIMBO_WAIT = 0.2
 LIMBO_MAX = 10000
+#: A directory that arrived with content is rescanned again if a move carries it within this time.
+YOUNG = 5.0
+YOUNG_MAX = 4096
 
 
 class _Deferred(Exception):
@@ -412,6 +421,7 @@ class FanotifyDetector:
         self._pos = -1  # index of the event being dispatched in the current batch (-1: from limbo)
         self._dir_moves: list[tuple[int, bytes | None]] = []  # (index, where that directory is now)
         self._limbo_timer: asyncio.TimerHandle | None = None
+        self._young: dict[bytes, float] = {}  # root-relative dir -> when it arrived with content
         self._final = True
         self.overflows = 0
         self.events = 0
@@ -705,6 +715,42 @@ class FanotifyDetector:
         self._fallback_rescan(rel or b"")
         return rel
 
+    # -- directories that appear -----------------------------------------------------------------
+    def _dir_appeared(self, rel: bytes, *, with_content: bool) -> None:
+        """A directory appeared at rel: scan it now, and keep a pending hint for the entry itself.
+
+        The indexer's rescan walks the disk at once, so a move of an ancestor right after it can
+        make the walk look under the old name; a pending hint is carried along by the move. Entries
+        created inside a new directory have events of their own; a directory that arrived with
+        content (moved in) has none, so it is rescanned again if a move carries it while young.
+        """
+        assert self._sink is not None
+        self._sink.rescan(rel)
+        self._sink.changed(rel)
+        if with_content:
+            now = time.monotonic()
+            if len(self._young) >= YOUNG_MAX:
+                self._young = {q: t for q, t in self._young.items() if now - t < YOUNG}
+            if len(self._young) < YOUNG_MAX:
+                self._young[rel] = now
+
+    def _dir_moved(self, old: bytes, new: bytes) -> None:
+        """Follow young directories through a move of old to new; rescan them at their new place."""
+        if not self._young:
+            return
+        assert self._sink is not None
+        now = time.monotonic()
+        for q in [q for q in self._young if q == old or q.startswith(old + b"/")]:
+            t = self._young.pop(q)
+            if now - t < YOUNG:
+                q2 = new + q[len(old):]
+                self._young[q2] = t
+                self._sink.rescan(q2)
+
+    def _dir_left(self, old: bytes) -> None:
+        for q in [q for q in self._young if q == old or q.startswith(old + b"/")]:
+            del self._young[q]
+
     # -- dispatch --------------------------------------------------------------------------------
     def _dispatch(self, ev: FanEvent) -> None:
         sink = self._sink
@@ -775,9 +821,11 @@ class FanotifyDetector:
         assert sink is not None
         if m & (FAN_DELETE | FAN_MOVED_FROM):
             sink.removed(rel)
+            if is_dir:
+                self._dir_left(rel)
         if is_dir:
             if m & (FAN_CREATE | FAN_MOVED_TO):
-                sink.rescan(rel)
+                self._dir_appeared(rel, with_content=bool(m & FAN_MOVED_TO))
             elif m & FAN_ATTRIB:
                 sink.changed(rel)
             return
@@ -814,7 +862,7 @@ class FanotifyDetector:
             if last is not None:
                 p = paths_join(last, ev.new[1])
                 if is_dir:
-                    sink.rescan(p)
+                    self._dir_appeared(p, with_content=True)
                 else:
                     sink.changed(p, closed=True)
         if old_rel is not None and new_rel is not None and odir is not None and ndir is not None \
@@ -823,11 +871,14 @@ class FanotifyDetector:
             # at this point of the stream: a removal plus an arrival, both checked after that move.
             sink.removed(old_rel)
             if is_dir:
-                sink.rescan(new_rel)
+                self._dir_left(old_rel)
+                self._dir_appeared(new_rel, with_content=True)
             else:
                 sink.changed(new_rel, closed=True)
         elif old_rel is not None and new_rel is not None:
             sink.moved(old_rel, new_rel, is_dir)
+            if is_dir:
+                self._dir_moved(old_rel, new_rel)
             self._last_move = (old_rel, new_rel)
             if prev == (new_rel, old_rel):
                 # The inverse of the previous rename: RENAME_EXCHANGE swaps both names, so the two
@@ -836,8 +887,10 @@ class FanotifyDetector:
                 sink.rescan(new_rel)
         elif old_rel is not None:
             sink.removed(old_rel)
+            if is_dir:
+                self._dir_left(old_rel)
         elif new_rel is not None:
             if is_dir:
-                sink.rescan(new_rel)
+                self._dir_appeared(new_rel, with_content=True)
             else:
                 sink.changed(new_rel, closed=True)

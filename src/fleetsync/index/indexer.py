@@ -226,7 +226,7 @@ class Indexer:
 
     def initial_scan_needed(self) -> bool:
         """True if the manifest is empty (first start)."""
-        return self.j.count() == 0
+        return self.j.empty()
 
     # -- processing ------------------------------------------------------------------------------
     def busy(self) -> int:
@@ -320,7 +320,7 @@ class Indexer:
             raise RootVanished(f"origin root {self.root!r} is not accessible: {e}") from e
         if (st.st_dev, st.st_ino) != self._root_id:
             raise RootVanished(f"origin root {self.root!r} was replaced (different device/inode)")
-        if not self.allow_empty and self.j.count() > 0:
+        if not self.allow_empty and not self.j.empty():
             with os.scandir(self.root) as it:
                 if not any(not self.ignore.ignored(de.name) for de in it):
                     raise RootVanished(f"origin root {self.root!r} is empty while the manifest has "

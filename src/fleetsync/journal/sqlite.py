@@ -76,6 +76,7 @@ class SqliteJournal:
         self.journal_id: str = jid
         self._head = int(self.meta("head") or 0)
         self._min = int(self.meta("min_seq") or 1)
+        self._count, self._count_at = 0, -1e9
 
     # -- meta ------------------------------------------------------------------------------------
     def meta(self, key: str) -> str | None:
@@ -163,6 +164,17 @@ class SqliteJournal:
         """Paths whose content has this hash."""
         rows = self.db.execute("SELECT path FROM manifest WHERE hash=? LIMIT ?", (digest, limit))
         return [r[0] for r in rows]
+
+    def empty(self) -> bool:
+        """True if the manifest has no entries (O(1), unlike count())."""
+        return self.db.execute("SELECT 1 FROM manifest LIMIT 1").fetchone() is None
+
+    def count_cached(self, max_age: float = 2.0) -> int:
+        """count(), recomputed at most every max_age seconds (it scans the whole manifest)."""
+        now = time.monotonic()
+        if now - self._count_at > max_age:
+            self._count, self._count_at = self.count(), now
+        return self._count
 
     def count(self) -> int:
         """Number of manifest entries."""

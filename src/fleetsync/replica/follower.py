@@ -152,7 +152,7 @@ class Replica:
                 buf = []
         stage.add(buf)
         n += len(buf)
-        fresh = bootstrap and self.journal.count() == 0
+        fresh = bootstrap and self.journal.empty()
         pending: list[tuple[bytes, Entry]] = []
         pending_bytes = 0
         for p, e in stage.iter():
