@@ -137,7 +137,7 @@ def run_demo(workdir: str | None, n_files: int, keep: bool) -> int:
                 con.print(f"[green]{i}: identical[/] ({len(got)} entries)")
         st = get_status(url) or {}
         con.rule("summary")
-        con.print(f"origin seq {st.get('seq')}, {st.get('entries')} entries; "
+        con.print(f"origin seq {st.get('seq')}, {len(want)} entries; "
                   + "; ".join(f"{r['id']} applied {r['applied_seq']}, lag {r['lag_records']}, "
                               f"{r['bytes_sent']} bytes fetched" for r in st.get("replicas", [])))
         con.print("[bold green]CONVERGED: all replicas identical to the origin" if ok else "[bold red]MISMATCH")
