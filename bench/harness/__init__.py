@@ -1,0 +1,1 @@
+"""fleetsync benchmark harness: fleetsync side by side with rsync and lsyncd (see bench/run.py)."""
