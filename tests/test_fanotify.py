@@ -527,13 +527,15 @@ async def test_outside_churn_during_inside_renames(fs: Path, root: Path, make_wa
 class ManifestSink(RecordingSink):
     """A sink that keeps the set of paths the way the indexer does: moves of known paths are applied
     at once (they are trusted records) and carry pending hints along; every other hint is checked
-    against the disk afterwards."""
+    against the disk afterwards. A rescan is an immediate walk in the indexer, so it is *not*
+    carried along by later moves (modelled pessimistically: as if the walk ran just after them)."""
 
     def __init__(self, root: Path, known: set[bytes], *, verify_sources: bool = False) -> None:
         super().__init__()
         self.root = os.fsencode(root)
         self.known = set(known)
-        self.to_check: set[bytes] = set()
+        self.to_check: set[bytes] = set()  # pending hints: follow moves
+        self.scans: set[bytes] = set()  # rescans: checked where they were asked for
         self.verify_sources = verify_sources  # also re-check the old side of every move
 
     def moved(self, old: bytes, new: bytes, is_dir: bool) -> None:
@@ -567,11 +569,11 @@ class ManifestSink(RecordingSink):
 
     def rescan(self, path: bytes) -> None:
         super().rescan(path)
-        self._hint(path)
+        self.scans.add(path)
 
     def settle(self) -> set[bytes]:
         """Verify every hinted path (and what lies below it) against the disk; return the result."""
-        for top in self.to_check:
+        for top in self.to_check | self.scans:
             under = [p for p in self.known if p == top or p.startswith(top + b"/")]
             for p in under:
                 if not os.path.lexists(os.path.join(self.root, p)):
@@ -588,6 +590,7 @@ class ManifestSink(RecordingSink):
             elif os.path.lexists(full) and top:
                 self.known.add(top)
         self.to_check.clear()
+        self.scans.clear()
         return self.known
 
 
@@ -600,6 +603,33 @@ def _tree(root: Path) -> set[bytes]:
             if not rel.startswith(b".barrier-"):
                 out.add(rel)
     return out
+
+
+@pytest.mark.parametrize("late", [pytest.param(True, id="read-late"), pytest.param(False, id="read-live")])
+@pytest.mark.parametrize("arrival", ["mkdir", "move-in"])
+async def test_new_directory_then_parent_renamed(fs: Path, root: Path, make_watch: Callable[..., Watch],
+                                                 arrival: str, late: bool) -> None:
+    """A directory appears and its parent is renamed right after: the scan of the new directory
+    may walk the old name, so the hints must still lead the indexer to it (and to its content)."""
+    (root / "P0" / "X").mkdir(parents=True)
+    (fs / "outside" / "B").mkdir()
+    _w(fs / "outside" / "B" / "inside.html")
+    w = make_watch(root, start=False)
+    sink = ManifestSink(root, _tree(root))
+    w.sink = sink
+    if not late:
+        w.det.start(sink)
+    if arrival == "mkdir":
+        (root / "P0" / "X" / "B").mkdir()
+    else:
+        os.rename(fs / "outside" / "B", root / "P0" / "X" / "B")
+    if not late:
+        await w.barrier()  # the arrival is hinted under P0/...
+    os.rename(root / "P0", root / "P1")
+    if late:
+        w.det.start(sink)
+    await w.barrier()
+    assert sink.settle() == _tree(root), sink.calls
 
 
 @pytest.mark.parametrize("scenario", ["child-then-parent", "into-dir-then-dir-renamed"])

@@ -109,15 +109,24 @@ class Origin:
     async def run(self, host: str, port: int) -> None:
         """Start watching and serving; reconcile with the manifest; run until stop()."""
         first = self.indexer.initial_scan_needed()
+        # Serve what the journal already holds right away; the watch walk (one inotify watch per
+        # directory) runs in a worker thread meanwhile, and the rescan below covers its window.
+        runner = await start_server(self.server, host, port)
+        log.info("origin serving %s on http://%s:%d (journal %s, seq %d)", self.root, host, port,
+                 self.journal.journal_id[:8], self.journal.head())
         log.info("change detection: %s", self.detector.name)
+        prewatch = getattr(self.detector, "prewatch", None)
+        if prewatch is not None:
+            self.indexer.scanning += 1  # reported as pending until the watches are in place
+            try:
+                await asyncio.get_running_loop().run_in_executor(None, prewatch)
+            finally:
+                self.indexer.scanning -= 1
         self.detector.start(self.indexer)
         self._detecting = True
         if self.fallback_scan is not None:
             self.fallback_scan.start(self.indexer)
         self.indexer.drain = self.detector.drain
-        runner = await start_server(self.server, host, port)
-        log.info("origin serving %s on http://%s:%d (journal %s, seq %d)", self.root, host, port,
-                 self.journal.journal_id[:8], self.journal.head())
         log.info("%s %s", "indexing" if first else "reconciling", self.root)
         self.indexer.rescan(b"")
         tasks = [asyncio.create_task(self.indexer.run(self._stop)), asyncio.create_task(self._housekeeping())]

@@ -38,6 +38,7 @@ class InotifyDetector:
         self.unwatched: set[bytes] = set()
         self._moves: dict[int, tuple[bytes, bool]] = {}
         self._lost: set[bytes] = set()
+        self._prewatched = False
         self._added_at: dict[int, float] = {}
         self._sink: HintSink | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -121,12 +122,18 @@ class InotifyDetector:
             self.wd_path[wd] = np
 
     # -- lifecycle -------------------------------------------------------------------------------
+    def prewatch(self) -> None:
+        """Add watches for the whole tree before start() (may run in a worker thread; events queue up)."""
+        n = self.watch_tree(b"")
+        self._prewatched = True
+        log.info("inotify: watching %d directories", n)
+
     def start(self, sink: HintSink) -> None:
-        """Add watches for the whole tree and start reading events on the running loop."""
+        """Add watches for the whole tree (unless prewatch() did) and read events on the running loop."""
         self._sink = sink
         self._loop = asyncio.get_running_loop()
-        n = self.watch_tree(b"")
-        log.info("inotify: watching %d directories", n)
+        if not self._prewatched:
+            self.prewatch()
         self._loop.add_reader(self.ino.fileno(), self.drain)
 
     def close(self) -> None:
