@@ -74,3 +74,48 @@ def test_compaction_and_reopen(tmp_path) -> None:
     j2 = SqliteJournal(path)
     assert (j2.head(), j2.min_seq(), j2.journal_id) == (10, 7, jid)
     assert os.path.exists(path)
+
+
+def _true_count(j: SqliteJournal) -> int:
+    return j.db.execute("SELECT count(*) FROM manifest").fetchone()[0]
+
+
+def test_entry_count_is_kept_exact_through_every_kind_of_write(tmp_path) -> None:
+    """count() is O(1) (kept in meta) and always equals a real count, also after reopen and rollback."""
+    db = str(tmp_path / "j.db")
+    j = SqliteJournal(db)
+    j.commit([Change(PUT, b"a", Entry(DIR, 0o755)), Change(PUT, b"a/x", f(1)), Change(PUT, b"a/y", f(2)),
+              Change(PUT, b"b", f(3))])
+    assert j.count() == _true_count(j) == 4
+    j.commit([Change(PUT, b"a/x", f(4))])                      # modify: no new entry
+    j.commit([Change(MOVE, b"c", None, b"a")])                  # subtree move: same count
+    assert j.count() == _true_count(j) == 4
+    j.commit([Change(PUT, b"d", Entry(DIR, 0o755)), Change(PUT, b"d/z", f(5))])
+    j.commit([Change(MOVE, b"d", None, b"c")])                  # move over an existing subtree
+    assert j.count() == _true_count(j) == 4
+    j.commit([Change(PUT, b"d", f(6))])                        # file over a dir drops its children
+    assert j.count() == _true_count(j) == 2
+    try:
+        j.commit([Change(PUT, b"e", f(7)), Change("bogus", b"f")])
+    except Exception:  # noqa: BLE001 - any failure must roll the count back too
+        pass
+    assert j.count() == _true_count(j)
+    j.commit([Change(DELETE, b"d")])
+    assert j.count() == _true_count(j)
+    j.close()
+    j2 = SqliteJournal(db)
+    assert j2.count() == _true_count(j2)
+    j2.db.execute("DELETE FROM meta WHERE key='entries'")    # a database from before the counter
+    j2.close()
+    j3 = SqliteJournal(db)
+    assert j3.count() == _true_count(j3)
+
+
+def test_get_many_with_local_matches_point_lookups(tmp_path) -> None:
+    j = SqliteJournal(str(tmp_path / "j.db"))
+    j.commit([Change(PUT, b"f%04d" % i, f(i % 250)) for i in range(1200)])
+    want = [b"f%04d" % i for i in range(0, 1300, 7)]
+    got = j.get_many_with_local(want)
+    assert set(got) == {p for p in want if j.get(p) is not None}
+    for p, (e, _local) in got.items():
+        assert e == j.get(p)

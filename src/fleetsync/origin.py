@@ -95,7 +95,7 @@ class Origin:
 
     def _status(self) -> dict[str, Any]:
         return {"root": self.root, "pending": self.indexer.busy(), "paused": self.indexer.paused,
-                "entries": self.journal.count_cached(), "detector": self.detector.name,
+                "entries": self.journal.count(), "detector": self.detector.name,
                 "unwatched": len(getattr(self.detector, "unwatched", ())),
                 "overflows": getattr(self.detector, "overflows", 0),
                 "scan": {"running": self.indexer.scanning, "checked": self.indexer.scan_checked,

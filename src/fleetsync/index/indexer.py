@@ -349,7 +349,11 @@ class Indexer:
         self._inflight = len(ready)
         try:
             loop = asyncio.get_running_loop()
-            obs = await loop.run_in_executor(None, self._observe, sorted(ready))
+            ready.sort()
+            # Manifest rows are read here, on the journal's own connection (its page cache stays
+            # warm for the commit that follows); the worker thread only touches the filesystem.
+            known = self.j.get_many_with_local(ready)
+            obs = await loop.run_in_executor(None, self._observe, ready, known)
             # Anything touched again while we were hashing is not settled: drop the result, keep the hint.
             self.drain()
             obs = [o for o in obs if o.path not in self.pending]
@@ -388,57 +392,53 @@ class Indexer:
             self.records_written += len(recs)
             self.on_commit(len(recs))
 
-    def _observe(self, ready: list[bytes]) -> list[_Obs]:
-        """lstat (and hash where needed) each ready path; runs in a worker thread."""
+    def _observe(self, ready: list[bytes], known: dict[bytes, tuple[Entry, LocalStat | None]]) -> list[_Obs]:
+        """lstat (and hash where needed) each ready path against its manifest row; runs in a worker thread."""
         out: list[_Obs] = []
-        reader = SqliteJournal(self.j.db_path, durable=False)
-        try:
-            for p in ready:
-                st = self.fs.lstat(p)
-                o = _Obs(p, st)
-                out.append(o)
-                if st is None:
-                    continue
-                k = kind_of(st)
-                if k is None:
-                    o.st = None  # fifos, sockets, devices are not replicated
-                    continue
-                if k == LINK:
-                    try:
-                        o.entry = entry_from_stat(st, target=self.fs.readlink(p))
-                    except OSError:
-                        o.st = None
-                    continue
-                if k == DIR:
-                    o.entry = entry_from_stat(st)
-                    continue
-                row = reader.get_with_local(p)
-                local = LocalStat(st.st_ino, st.st_ctime_ns)
-                o.local = local
-                if row is not None and _stat_matches(row[0], row[1], st):
-                    o.entry = row[0]
-                    continue
-                age = time.time() - st.st_mtime_ns / 1e9
-                if 0 <= age < self.settle:
-                    o.unstable = True  # modified less than a settle window ago: not quiet yet
-                    continue
+        for p in ready:
+            st = self.fs.lstat(p)
+            o = _Obs(p, st)
+            out.append(o)
+            if st is None:
+                continue
+            k = kind_of(st)
+            if k is None:
+                o.st = None  # fifos, sockets, devices are not replicated
+                continue
+            if k == LINK:
                 try:
-                    fd = self.fs.open_read(p)
+                    o.entry = entry_from_stat(st, target=self.fs.readlink(p))
                 except OSError:
-                    o.unstable = True
-                    continue
-                try:
-                    digest, n = hash_fd(fd)
-                    st2 = os.fstat(fd)
-                finally:
-                    os.close(fd)
-                if (n != st.st_size or st2.st_size != st.st_size or st2.st_mtime_ns != st.st_mtime_ns
-                        or st2.st_ctime_ns != st.st_ctime_ns or st2.st_ino != st.st_ino):
-                    o.unstable = True
-                    continue
-                o.entry = entry_from_stat(st, hash_=digest)
-        finally:
-            reader.close()
+                    o.st = None
+                continue
+            if k == DIR:
+                o.entry = entry_from_stat(st)
+                continue
+            row = known.get(p)
+            local = LocalStat(st.st_ino, st.st_ctime_ns)
+            o.local = local
+            if row is not None and _stat_matches(row[0], row[1], st):
+                o.entry = row[0]
+                continue
+            age = time.time() - st.st_mtime_ns / 1e9
+            if 0 <= age < self.settle:
+                o.unstable = True  # modified less than a settle window ago: not quiet yet
+                continue
+            try:
+                fd = self.fs.open_read(p)
+            except OSError:
+                o.unstable = True
+                continue
+            try:
+                digest, n = hash_fd(fd)
+                st2 = os.fstat(fd)
+            finally:
+                os.close(fd)
+            if (n != st.st_size or st2.st_size != st.st_size or st2.st_mtime_ns != st.st_mtime_ns
+                    or st2.st_ctime_ns != st.st_ctime_ns or st2.st_ino != st.st_ino):
+                o.unstable = True
+                continue
+            o.entry = entry_from_stat(st, hash_=digest)
         return out
 
     def _changes(self, obs: list[_Obs]) -> list[Change]:

@@ -76,7 +76,12 @@ class SqliteJournal:
         self.journal_id: str = jid
         self._head = int(self.meta("head") or 0)
         self._min = int(self.meta("min_seq") or 1)
-        self._count, self._count_at = 0, -1e9
+        entries = self.meta("entries")
+        if entries is None:  # a database from before the counter: count once
+            entries = str(self.db.execute("SELECT count(*) FROM manifest").fetchone()[0])
+            self.set_meta("entries", entries)
+        self._count = int(entries)
+        self._delta = 0
 
     # -- meta ------------------------------------------------------------------------------------
     def meta(self, key: str) -> str | None:
@@ -169,16 +174,22 @@ class SqliteJournal:
         """True if the manifest has no entries (O(1), unlike count())."""
         return self.db.execute("SELECT 1 FROM manifest LIMIT 1").fetchone() is None
 
-    def count_cached(self, max_age: float = 2.0) -> int:
-        """count(), recomputed at most every max_age seconds (it scans the whole manifest)."""
-        now = time.monotonic()
-        if now - self._count_at > max_age:
-            self._count, self._count_at = self.count(), now
+    def count(self) -> int:
+        """Number of manifest entries (O(1): kept in `meta` by every write)."""
         return self._count
 
-    def count(self) -> int:
-        """Number of manifest entries."""
-        return self.db.execute("SELECT count(*) FROM manifest").fetchone()[0]
+    def get_many_with_local(self, paths: list[bytes]) -> dict[bytes, tuple[Entry, LocalStat | None]]:
+        """get_with_local() for many paths in a few statements (absent paths are left out)."""
+        out: dict[bytes, tuple[Entry, LocalStat | None]] = {}
+        for i in range(0, len(paths), 500):
+            chunk = paths[i:i + 500]
+            rows = self.db.execute(
+                f"SELECT path, {_ENTRY_COLS}, ino, ctime FROM manifest WHERE path IN ({','.join('?' * len(chunk))})",
+                chunk,
+            )
+            for r in rows:
+                out[r[0]] = (_entry(r[1:7]), LocalStat(r[7], r[8]) if r[7] is not None else None)
+        return out
 
     def iter_local(self) -> Iterator[tuple[bytes, Entry, LocalStat | None]]:
         """All manifest rows with local stat identity (start-up reconcile)."""
@@ -237,17 +248,19 @@ class SqliteJournal:
                     out.append(rec)
                 if out:
                     self._set_head(seq)
-                self.db.execute("COMMIT")
+                self._save_count()
+                self._commit_tx()
             except BaseException:
-                self.db.execute("ROLLBACK")
-                self._head = int(self.meta("head") or 0)
+                self._rollback()
                 raise
         return out
 
     def update_local(self, path: bytes, local: LocalStat) -> None:
         """Origin: refresh the stat identity of an unchanged file (no record)."""
         with self._lock:
-            self.db.execute("UPDATE manifest SET ino=?, ctime=? WHERE path=?", (local.ino, local.ctime_ns, path))
+            if not self.db.execute("UPDATE manifest SET ctime=? WHERE path=? AND ino=?",
+                                   (local.ctime_ns, path, local.ino)).rowcount:
+                self.db.execute("UPDATE manifest SET ino=?, ctime=? WHERE path=?", (local.ino, local.ctime_ns, path))
 
     def apply_records(self, records: list[Record], head: int | None = None) -> None:
         """Replica: store records applied with the upstream's seqs and advance head, atomically."""
@@ -259,10 +272,10 @@ class SqliteJournal:
                     self._apply_manifest(rec, None)
                 new_head = head if head is not None else (records[-1].seq if records else self._head)
                 self._set_head(max(new_head, self._head))
-                self.db.execute("COMMIT")
+                self._save_count()
+                self._commit_tx()
             except BaseException:
-                self.db.execute("ROLLBACK")
-                self._head = int(self.meta("head") or 0)
+                self._rollback()
                 raise
 
     def compact(self, keep: int) -> int:
@@ -283,6 +296,22 @@ class SqliteJournal:
         self.db.close()
 
     # -- internals -------------------------------------------------------------------------------
+    def _save_count(self) -> None:
+        """Inside a write transaction: persist the entry count changed by this transaction."""
+        if self._delta:
+            self.db.execute("INSERT OR REPLACE INTO meta VALUES ('entries', ?)", (str(self._count + self._delta),))
+
+    def _commit_tx(self) -> None:
+        """COMMIT, then adopt the transaction's entry count."""
+        self.db.execute("COMMIT")
+        self._count += self._delta
+        self._delta = 0
+
+    def _rollback(self) -> None:
+        self.db.execute("ROLLBACK")
+        self._head = int(self.meta("head") or 0)
+        self._delta = 0
+
     def _set_head(self, seq: int) -> None:
         self.db.execute("INSERT OR REPLACE INTO meta VALUES ('head', ?)", (str(seq),))
         self._head = seq
@@ -298,7 +327,8 @@ class SqliteJournal:
 
     def _delete_tree(self, path: bytes) -> None:
         lo, hi = _subtree_bounds(path)
-        self.db.execute("DELETE FROM manifest WHERE path = ? OR (path >= ? AND path < ?)", (path, lo, hi))
+        n = self.db.execute("DELETE FROM manifest WHERE path = ? OR (path >= ? AND path < ?)", (path, lo, hi)).rowcount
+        self._delta -= n
 
     def _apply_manifest(self, rec: Record, local: LocalStat | None) -> None:
         if rec.op == DELETE:
@@ -319,19 +349,28 @@ class SqliteJournal:
                 return
         e = rec.entry
         assert e is not None
-        prev = self.db.execute("SELECT kind FROM manifest WHERE path=?", (rec.path,)).fetchone()
+        prev = self.db.execute("SELECT kind, ino, ctime FROM manifest WHERE path=?", (rec.path,)).fetchone()
         if prev and prev[0] == DIR and e.kind != DIR:
             self._delete_tree(rec.path)
+            prev = None
+        if prev is None:
+            self._delta += 1
         if local is None:
-            old_local = self.db.execute("SELECT ino, ctime FROM manifest WHERE path=?", (rec.path,)).fetchone()
-            ino, ctime = (old_local if old_local else (None, None)) if rec.op == MOVE else (None, None)
+            ino, ctime = (prev[1], prev[2]) if rec.op == MOVE and prev else (None, None)
         else:
             ino, ctime = local.ino, local.ctime_ns
-        self.db.execute(
-            "INSERT OR REPLACE INTO manifest VALUES (?,?,?,?,?,?,?,?,?,?)",
-            (rec.path, e.kind, e.mode, e.size if e.kind == FILE else 0, e.mtime_ns if e.kind == FILE else 0,
-             e.hash if e.kind == FILE else None, e.target if e.kind == LINK else None, ino, ctime, rec.seq),
-        )
+        cols = (e.kind, e.mode, e.size if e.kind == FILE else 0, e.mtime_ns if e.kind == FILE else 0,
+                e.hash if e.kind == FILE else None, e.target if e.kind == LINK else None)
+        if prev is None:
+            self.db.execute("INSERT INTO manifest VALUES (?,?,?,?,?,?,?,?,?,?)", (rec.path, *cols, ino, ctime, rec.seq))
+        elif prev[1] == ino:
+            # Same inode (an in-place edit): leave the inode index alone, it is one random b-tree
+            # page per change on a large manifest.
+            self.db.execute("UPDATE manifest SET kind=?, mode=?, size=?, mtime=?, hash=?, target=?, ctime=?, seq=? "
+                            "WHERE path=?", (*cols, ctime, rec.seq, rec.path))
+        else:
+            self.db.execute("UPDATE manifest SET kind=?, mode=?, size=?, mtime=?, hash=?, target=?, ino=?, ctime=?, "
+                            "seq=? WHERE path=?", (*cols, ino, ctime, rec.seq, rec.path))
 
 
 
@@ -385,8 +424,9 @@ class SnapshotStage:
             try:
                 j.db.execute("DELETE FROM manifest")
                 j.db.execute("DELETE FROM records")
-                j.db.execute("INSERT INTO manifest SELECT path, kind, mode, size, mtime, hash, target, NULL, NULL, ? "
-                             "FROM snap", (seq,))
+                n = j.db.execute("INSERT INTO manifest SELECT path, kind, mode, size, mtime, hash, target, NULL, NULL, ? "
+                                 "FROM snap", (seq,)).rowcount
+                j.db.execute("INSERT OR REPLACE INTO meta VALUES ('entries', ?)", (str(n),))
                 j.db.execute("DROP TABLE snap")
                 j._set_head(seq)
                 j._min = seq + 1
@@ -394,8 +434,9 @@ class SnapshotStage:
                     j.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (k, v))
                 j.db.execute("COMMIT")
             except BaseException:
-                j.db.execute("ROLLBACK")
+                j._rollback()
                 raise
+        j._count = n
         j.journal_id = journal_id
 
 
