@@ -27,7 +27,12 @@ system-deps:
 test: $(STAMP) system-deps
 	$(PY) -m pytest -q -ra $(ARGS)
 
-bench: $(STAMP)
+BENCH_STAMP := $(VENV)/.installed-bench
+$(BENCH_STAMP): $(STAMP)
+	$(PIP) install -q -c constraints.txt -e '.[dev,bench]'
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
 	$(PY) bench/run.py $(ARGS)
 
 clean:
