@@ -167,7 +167,12 @@ class Indexer:
 
     # -- scanning (runs in a thread) -------------------------------------------------------------
     def walk(self, top: bytes) -> Iterator[tuple[bytes, os.stat_result]]:
-        """lstat every entry at and under top (no symlink following)."""
+        """lstat every entry at and under top (no symlink following), in path byte order.
+
+        The order is the manifest's (`ORDER BY path`), so diff_subtree can merge the two streams
+        without remembering what it saw: within a directory, a child directory's own entry sorts
+        by its name and its subtree by its name + "/".
+        """
         st = self.fs.lstat(top) if top else os.lstat(self.root)
         if st is None:
             return
@@ -175,52 +180,71 @@ class Indexer:
             yield top, st
         if not stat.S_ISDIR(st.st_mode):
             return
-        stack = [top]
+        stack = [iter(self._listing(top))]
         while stack:
-            d = stack.pop()
-            full = os.path.join(self.root, d) if d else self.root
-            try:
-                with os.scandir(full) as it:
-                    for de in it:
-                        p = paths.join(d, de.name)
-                        if self.ignore.ignored(p):
-                            continue
-                        try:
-                            dst = de.stat(follow_symlinks=False)
-                        except FileNotFoundError:
-                            continue
-                        yield p, dst
-                        if stat.S_ISDIR(dst.st_mode):
-                            stack.append(p)
-            except (FileNotFoundError, NotADirectoryError, PermissionError) as e:
-                log.debug("scan %r: %s", d, e)
+            item = next(stack[-1], None)
+            if item is None:
+                stack.pop()
+                continue
+            p, dst, subtree = item
+            if subtree:
+                stack.append(iter(self._listing(p)))
+            else:
+                yield p, dst
+
+    def _listing(self, d: bytes) -> list[tuple[bytes, os.stat_result, bool]]:
+        """One directory's entries (and its subdirectories' subtrees) sorted in manifest order."""
+        full = os.path.join(self.root, d) if d else self.root
+        keyed: list[tuple[bytes, bytes, os.stat_result, bool]] = []
+        try:
+            with os.scandir(full) as it:
+                for de in it:
+                    p = paths.join(d, de.name)
+                    if self.ignore.ignored(p):
+                        continue
+                    try:
+                        dst = de.stat(follow_symlinks=False)
+                    except FileNotFoundError:
+                        continue
+                    keyed.append((de.name, p, dst, False))
+                    if stat.S_ISDIR(dst.st_mode):
+                        keyed.append((de.name + b"/", p, dst, True))
+        except (FileNotFoundError, NotADirectoryError, PermissionError) as e:
+            log.debug("scan %r: %s", d, e)
+        keyed.sort(key=lambda k: k[0])
+        return [(p, dst, sub) for _, p, dst, sub in keyed]
 
     def diff_subtree(self, top: bytes) -> Iterator[bytes]:
-        """Paths under top whose lstat differs from the manifest, then manifest paths gone from disk.
+        """Paths at or under top whose lstat differs from the manifest, new on disk, or gone from disk.
 
-        Runs at most `scan_rate` lstat calls per second (0 = unlimited), counting progress in
-        `scan_checked` / `scan_differ` for the logs and status.
+        One sorted merge of the tree walk with the manifest range (no per-path query, no set of
+        seen paths). Runs at most `scan_rate` lstat calls per second (0 = unlimited), counting
+        progress in `scan_checked` / `scan_differ` for the logs and status.
         """
         reader = SqliteJournal(self.j.db_path, durable=False)
         t0 = time.monotonic()
         n = 0
         try:
-            seen: set[bytes] = set()
-            for p, st in self.walk(top):
+            disk = self.walk(top)
+            manifest = reader.iter_local(top)
+            d = next(disk, None)
+            m = next(manifest, None)
+            while d is not None or m is not None:
+                if d is not None and (m is None or d[0] < m[0]):  # new on disk
+                    hint, d = d[0], next(disk, None)
+                elif d is None or (m is not None and m[0] < d[0]):  # gone from disk
+                    hint, m = m[0], next(manifest, None)
+                else:
+                    same = _stat_matches(m[1], m[2], d[1])
+                    hint = None if same else d[0]
+                    d, m = next(disk, None), next(manifest, None)
                 n += 1
                 self.scan_checked += 1
                 if self.scan_rate and n > self.scan_rate * (time.monotonic() - t0):
                     time.sleep(n / self.scan_rate - (time.monotonic() - t0))
-                seen.add(p)
-                row = reader.get_with_local(p)
-                if row is None or not _stat_matches(row[0], row[1], st):
+                if hint is not None:
                     self.scan_differ += 1
-                    yield p
-            gone = (p for p, _ in reader.subtree(top)) if top else (p for p, _, _ in reader.iter_local())
-            for p in gone:
-                if p not in seen:
-                    self.scan_differ += 1
-                    yield p
+                    yield hint
         finally:
             reader.close()
 

@@ -191,10 +191,15 @@ class SqliteJournal:
                 out[r[0]] = (_entry(r[1:7]), LocalStat(r[7], r[8]) if r[7] is not None else None)
         return out
 
-    def iter_local(self) -> Iterator[tuple[bytes, Entry, LocalStat | None]]:
-        """All manifest rows with local stat identity (start-up reconcile)."""
+    def iter_local(self, top: bytes = b"") -> Iterator[tuple[bytes, Entry, LocalStat | None]]:
+        """Manifest rows at and under top (b'' = all) with local stat identity, in path byte order."""
         cur = self.db.cursor()
-        cur.execute(f"SELECT path, {_ENTRY_COLS}, ino, ctime FROM manifest")
+        if top:
+            lo, hi = _subtree_bounds(top)
+            cur.execute(f"SELECT path, {_ENTRY_COLS}, ino, ctime FROM manifest "
+                        "WHERE path = ? OR (path >= ? AND path < ?) ORDER BY path", (top, lo, hi))
+        else:
+            cur.execute(f"SELECT path, {_ENTRY_COLS}, ino, ctime FROM manifest ORDER BY path")
         while rows := cur.fetchmany(5000):
             for r in rows:
                 yield r[0], _entry(r[1:7]), (LocalStat(r[7], r[8]) if r[7] is not None else None)
