@@ -16,11 +16,18 @@ can fail with ESTALE/ENOMEM while it is being renamed (measured on ext4), so tho
 Only then does an event fall back to a rescan of where its directory was last seen, or of the
 whole root: a hint may be redundant, never missing.
 
-Paths are resolved when events are read, so they already include renames queued after the
-event. Hints the indexer checks later (changed, removed) are fine with that; a move is only sent
-as `moved` when no directory renamed later in the same batch holds either parent, otherwise as a
-removal plus an arrival. A directory that appears is both rescanned and hinted (the rescan walks
-at once and can miss it if a parent moves right after; the hint is carried along by the move).
+Handles resolve to *current* paths, which already include the renames queued after an event.
+The indexer reads hints in stream order and carries pending hints along with every move, so each
+hint must name the path as it was at its own event, or a later rename is applied to it twice (lost
+whenever a name is reused: X/f written, then X->T, Y->X, T->Y). Each batch resolves every handle
+once, then undoes the batch's later directory renames (known exactly from FAN_RENAME, walked from
+the last one back) to get the path at each event; scans, which walk the disk at once, go to the
+current path. A rename can be visible before its event is queued, so the hints of the previous
+batch touched by a directory move are sent again after it (a redundant hint costs one lstat). A
+directory that appears is both rescanned and hinted (the rescan walks at once and can miss it if a
+parent moves right after; the hint is carried along by the move). Where a path at an event cannot
+be rebuilt exactly (a parent deleted since, an unlocatable later rename, a limbo retry) a rename is
+sent as a removal plus an arrival.
 
 The detector keeps the root directory open (it is the mount fd for `open_by_handle_at`), so the
 kernel defers the root's own DELETE_SELF; losing the root is recognised from the DELETE/RENAME
@@ -34,6 +41,7 @@ covered by the mark (fanotify only; logged at start-up and listed in `unwatched`
 from __future__ import annotations
 
 import asyncio
+import bisect
 import collections
 import ctypes
 import ctypes.util
@@ -120,6 +128,8 @@ YOUNG_MAX = 4096
 class _Deferred(Exception):
     """The event's directory cannot be located yet: retry it after the next read."""
 GONE_MAX = 65536
+#: Hints of one batch kept to be sent again after a directory move read in the next batch.
+RECENT_MAX = 65536
 
 
 # -- libc ----------------------------------------------------------------------------------------
@@ -419,13 +429,24 @@ class FanotifyDetector:
         self._last_move: tuple[bytes, bytes] | None = None
         self._limbo: list[tuple[FanEvent, float]] = []
         self._pos = -1  # index of the event being dispatched in the current batch (-1: from limbo)
-        self._dir_moves: list[tuple[int, bytes | None]] = []  # (index, where that directory is now)
+        #: Directory renames of the current batch, last first: (index, old path before it, new path
+        #: after it, exchange); (index, None, None, False) when a side could not be located.
+        self._undo: list[tuple[int, bytes | None, bytes | None, bool]] = []
+        self._undo_idx: list[int] = []  # -index of each _undo entry (ascending, for bisect)
+        self._memo: dict[bytes, tuple[bytes, str]] = {}  # handle -> (path, LIVE/GONE) for this batch
+        self._at_memo: dict[tuple[bytes, int], bytes] = {}
+        self._gone_at: dict[bytes, int] = {}  # directory handle -> index of its delete in this batch
+        self._emitted: list[tuple[str, bytes, bool, bool]] = []  # hints sent during this batch
+        self._prev_emitted: list[tuple[str, bytes, bool, bool]] = []  # ... during the previous one
+        self._prev_overflow = False
+        self._prev_index: dict[bytes, list[int]] | None = None  # path and each ancestor -> _prev_emitted indexes
         self._limbo_timer: asyncio.TimerHandle | None = None
         self._young: dict[bytes, float] = {}  # root-relative dir -> when it arrived with content
         self._final = True
         self.overflows = 0
         self.events = 0
         self.fallback_rescans = 0
+        self.reemitted = 0
         self.unwatched: set[bytes] = set()
         try:
             self._root_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -541,9 +562,16 @@ class FanotifyDetector:
         self._draining = True
         try:
             events = self._read_all()
+            if events:  # hints sent since the last read become "the previous batch" (see _reemit)
+                self._prev_overflow = len(self._emitted) > RECENT_MAX
+                self._prev_emitted = [] if self._prev_overflow else self._emitted
+                self._emitted = []
+                self._prev_index = None
             self._fallbacks.clear()
+            self._memo.clear()
+            self._at_memo.clear()
             self._collect_gone(events)
-            self._collect_dir_moves(events)
+            self._plan_renames(events)
             now = time.monotonic()
             if self._limbo:
                 # Older than anything just read: retry them first, now that their deletes may be known.
@@ -607,7 +635,8 @@ class FanotifyDetector:
         deleted directory is covered by the removal hint of the directory itself.
         """
         prev: FanEvent | None = None
-        for ev in events:
+        self._gone_at.clear()
+        for i, ev in enumerate(events):
             parent, name, child = ev.dfid, ev.name, None
             if parent is not None and name and name != b"." and ev.mask & FAN_ONDIR and ev.mask & FAN_DELETE:
                 if ev.fid is not None:
@@ -619,54 +648,143 @@ class FanotifyDetector:
                 if len(self._gone) >= GONE_MAX:
                     self._gone.clear()
                 self._gone[child] = (parent, name)
+                self._gone_at[child] = i
             prev = ev
 
-    def _collect_dir_moves(self, events: list[FanEvent]) -> None:
-        """Where each directory renamed in this batch is now (None: unknown).
+    def _plan_renames(self, events: list[FanEvent]) -> None:
+        """Where each directory renamed in this batch was just before and just after its rename.
 
-        Handles resolve to *current* paths, which already include renames queued later in the
-        batch. A move is only exact if neither of its parent directories lies under a directory
-        renamed later (see _rename); everything else the indexer re-checks after earlier moves.
+        Handles resolve to *current* paths, which already include every rename queued later in the
+        batch. The indexer reads hints in stream order and carries its pending hints along with
+        each move, so a hint must name the path as of its own event, or a later rename would be
+        applied to it twice (X/f written, then X->T, Y->X, T->Y: the current path Y/f would be
+        carried to X/f by the move Y->X). Walking the renames from the last one back, each
+        rename's paths are its current paths with the renames after it undone; `_at` undoes them
+        for any other event. The two renames of a RENAME_EXCHANGE are undone together, as a swap.
         """
-        self._dir_moves = []
-        if not self.has_rename:
-            return
-        for i, ev in enumerate(events):
-            if ev.mask & FAN_RENAME and ev.mask & FAN_ONDIR:
-                loc: bytes | None = None
-                if ev.new is not None:
-                    parent, how = self._locate(ev.new[0])  # _final is set here: never defers
-                    if parent is not None and how != STALE:
-                        loc = _join_abs(parent, ev.new[1])
-                        if self._rel(loc) is None and not self._covers_root(loc):
-                            continue  # elsewhere on the filesystem: cannot hold a path of the root
-                self._dir_moves.append((i, loc))
+        undo: list[tuple[int, bytes | None, bytes | None, bool]] = []
+        if self.has_rename:
+            i = len(events) - 1
+            while i >= 0:
+                ev = events[i]
+                if not (ev.mask & FAN_RENAME and ev.mask & FAN_ONDIR) or ev.old is None or ev.new is None:
+                    i -= 1
+                    continue
+                swap = False
+                if i > 0:
+                    pv = events[i - 1]
+                    swap = bool(pv.mask & FAN_RENAME and pv.mask & FAN_ONDIR and pv.old == ev.new
+                                and pv.new == ev.old and (pv.fid is None or pv.fid != ev.fid))
+                idx = i - 1 if swap else i
+                self._undo = undo  # holds only renames after this one while it is being filled
+                o, ohow = self._locate_at(ev.old[0], idx, planning=True)  # _final is set: never defers
+                n, nhow = self._locate_at(ev.new[0], idx, planning=True)
+                if o is None or n is None or ohow == STALE or nhow == STALE:
+                    undo.append((idx, None, None, False))
+                else:
+                    undo.append((idx, _join_abs(o, ev.old[1]), _join_abs(n, ev.new[1]), swap))
+                i = idx - 1
+        self._undo = undo
+        self._undo_idx = [-u[0] for u in undo]
 
-    def _moved_later(self, *dirs: bytes) -> bool:
-        """True if a directory renamed after the current event holds (or is) one of dirs."""
-        if self._pos < 0:
-            return True  # retried from limbo: later events were already dispatched
-        for idx, loc in self._dir_moves:
-            if idx <= self._pos:
+    @staticmethod
+    def _undo_after(path: bytes, undo: list[tuple[int, bytes | None, bytes | None, bool]], pos: int,
+                    before: int | None = None) -> bytes:
+        """path with the directory renames between event pos and event `before` (or the end) undone."""
+        for idx, old, new, swap in undo:
+            if before is not None and idx >= before:
                 continue
-            if loc is None:
+            if idx <= pos:
+                break
+            if old is None or new is None:
+                continue  # not located: sent as removal/rescan, never as a move the indexer applies
+            if path == new or path.startswith(new + b"/"):
+                path = old + path[len(new):]
+            elif swap and (path == old or path.startswith(old + b"/")):
+                path = new + path[len(old):]
+        return path
+
+    def _at(self, path: bytes) -> bytes:
+        """The current absolute path of a live directory as it was at the event being dispatched."""
+        # _undo is ordered by descending index: entries after the event are a prefix of it.
+        k = bisect.bisect_left(self._undo_idx, -self._pos)
+        if k == 0:
+            return path
+        key = (path, k)
+        hit = self._at_memo.get(key)
+        if hit is None:
+            hit = self._undo_after(path, self._undo[:k], self._pos)
+            if len(self._at_memo) < CACHE_MAX:
+                self._at_memo[key] = hit
+        return hit
+
+    def _locate_at(self, handle: bytes, pos: int, depth: int = 0, *,
+                   planning: bool = False) -> tuple[bytes | None, str]:
+        """Absolute path of a directory handle as it was at event pos, and how it was found.
+
+        A live directory's current path has the later renames undone. A deleted directory has no
+        current path (its parent's path now + its name may lie under another directory renamed
+        to that name since), so it is anchored at the event that recorded it (its delete, or the
+        earlier event the delete was merged into): its parent's path there plus its name, with
+        the renames between that event and pos undone (or, when pos is later, applied).
+        """
+        g = self._gone.get(handle)
+        if g is None or depth >= 256:
+            p, how = self._locate(handle, depth)
+            if p is None or how == STALE:
+                return p, how
+            if planning or pos != self._pos:
+                return self._undo_after(p, self._undo, pos), how
+            return self._at(p), how
+        c = self._gone_at.get(handle, -1)
+        if c <= pos and planning:
+            return None, STALE  # the renames between c and pos are not known yet
+        parent, how = self._locate_at(g[0], c, depth + 1, planning=planning)
+        if parent is None or how == STALE:
+            return self._locate(handle, depth)
+        path = _join_abs(parent, g[1])
+        if c > pos:
+            return self._undo_after(path, self._undo, pos, before=c), GONE
+        for idx, old, new, swap in reversed(self._undo):  # ascending: apply (c, pos]
+            if idx <= c or old is None or new is None:
+                continue
+            if idx > pos:
+                break
+            if path == old or path.startswith(old + b"/"):
+                path = new + path[len(old):]
+            elif swap and (path == new or path.startswith(new + b"/")):
+                path = old + path[len(new):]
+        return path, GONE
+
+    def _uncertain(self, pos: int) -> bool:
+        """True if a directory rename at or after pos could not be located (not undone in paths)."""
+        for idx, old, _, _ in self._undo:
+            if idx < pos:
+                break
+            if old is None:
                 return True
-            for d in dirs:
-                if d == loc or d.startswith(loc + b"/"):
-                    return True
         return False
 
     # -- resolution ------------------------------------------------------------------------------
     def _locate(self, handle: bytes, depth: int = 0) -> tuple[bytes | None, str]:
-        """Absolute path of a directory handle and how it was found (LIVE, GONE or STALE)."""
+        """Current absolute path of a directory handle and how it was found (LIVE, GONE or STALE).
+
+        Resolved once per batch (memo), so every event of a batch sees the same namespace.
+        """
+        hit = self._memo.get(handle)
+        if hit is not None:
+            return hit
         g = self._gone.get(handle)
         if g is None:  # a handle seen deleted never comes back (handles carry a generation)
             p = self._res.resolve(handle)
             if p is not None:
+                self._memo[handle] = (p, LIVE)
                 return p, LIVE
         if g is not None and depth < 256:
             parent, how = self._locate(g[0], depth + 1)
             if parent is not None:
+                if how != STALE:
+                    self._memo[handle] = (_join_abs(parent, g[1]), GONE)
                 return _join_abs(parent, g[1]), (GONE if how != STALE else STALE)
         if not self._final:
             raise _Deferred
@@ -715,18 +833,72 @@ class FanotifyDetector:
         self._fallback_rescan(rel or b"")
         return rel
 
-    # -- directories that appear -----------------------------------------------------------------
-    def _dir_appeared(self, rel: bytes, *, with_content: bool) -> None:
-        """A directory appeared at rel: scan it now, and keep a pending hint for the entry itself.
+    # -- hints ---------------------------------------------------------------------------------
+    def _changed(self, rel: bytes, *, writing: bool = False, closed: bool = False) -> None:
+        assert self._sink is not None
+        self._sink.changed(rel, writing=writing, closed=closed)
+        if len(self._emitted) <= RECENT_MAX:
+            self._emitted.append(("changed", rel, writing, closed))
 
-        The indexer's rescan walks the disk at once, so a move of an ancestor right after it can
-        make the walk look under the old name; a pending hint is carried along by the move. Entries
-        created inside a new directory have events of their own; a directory that arrived with
-        content (moved in) has none, so it is rescanned again if a move carries it while young.
+    def _removed(self, rel: bytes) -> None:
+        assert self._sink is not None
+        self._sink.removed(rel)
+        if len(self._emitted) <= RECENT_MAX:
+            self._emitted.append(("removed", rel, False, False))
+
+    def _moved(self, old: bytes, new: bytes, is_dir: bool) -> None:
+        """Send an exact move; a directory move also re-sends the previous batch's hints it touches.
+
+        The previous batch was resolved *before* this batch was read, but a rename can already be
+        visible in the paths (its dentry moves before its event is queued): hints of that batch
+        under `old` may then be carried to the wrong place by this move, and a move there may
+        have named a source the indexer did not know yet. Sending them again after the move
+        (hints are only checked, never trusted) makes either case converge.
         """
         assert self._sink is not None
-        self._sink.rescan(rel)
-        self._sink.changed(rel)
+        self._sink.moved(old, new, is_dir)
+        if len(self._emitted) <= RECENT_MAX:
+            self._emitted.append(("removed", old, False, False))
+            self._emitted.append(("changed", new, False, True))
+        if not is_dir or self._pos < 0:
+            return
+        if self._prev_overflow:
+            self._sink.rescan(old)
+            self._sink.rescan(new)
+            return
+        if not self._prev_emitted:
+            return
+        if self._prev_index is None:
+            self._prev_index = {}
+            for i, (_, rel, _, _) in enumerate(self._prev_emitted):
+                p = rel
+                while p:
+                    self._prev_index.setdefault(p, []).append(i)
+                    p = p.rpartition(b"/")[0]
+        for i in sorted(set(self._prev_index.get(old, ())) | set(self._prev_index.get(new, ()))):
+            kind, rel, writing, closed = self._prev_emitted[i]
+            self.reemitted += 1
+            if kind == "removed":
+                self._sink.removed(rel)
+            else:
+                self._sink.changed(rel, writing=writing, closed=closed)
+
+    # -- directories that appear -----------------------------------------------------------------
+    def _dir_appeared(self, rel: bytes, *, with_content: bool, now_at: bytes | None = b"\0") -> None:
+        """A directory appeared at rel: scan it, and keep a pending hint for the entry itself.
+
+        rel is the path at the event (hints are read in stream order); the scan walks the disk at
+        once, so it goes to where the directory is now (`now_at`, None when it has left the root
+        since). A move of an ancestor right after the scan can still make the walk look under
+        the old name; the pending hint is carried along by the move. Entries created inside a
+        new directory have events of their own; a directory that arrived with content (moved
+        in) has none, so it is rescanned again if a move carries it while young.
+        """
+        assert self._sink is not None
+        cur = rel if now_at == b"\0" else now_at
+        if cur is not None:
+            self._sink.rescan(cur)
+        self._changed(rel)
         if with_content:
             now = time.monotonic()
             if len(self._young) >= YOUNG_MAX:
@@ -786,17 +958,25 @@ class FanotifyDetector:
             if last is not None:
                 self._child_event(m, paths_join(last, ev.name), is_dir)
             return
-        full = _join_abs(dirabs, ev.name)
+        full = _join_abs(dirabs, ev.name)  # now: decides whether the root itself is affected
         if m & (FAN_DELETE | FAN_MOVED_FROM) and is_dir and self._covers_root(full):
             sink.root_lost(f"root directory (or its parent) {full!r} was deleted or moved away")
             return
-        rel = self._rel(full)
-        if rel is None:
-            return
-        if rel == b"":  # a directory appeared at the root's path: the old root was replaced
+        cur = self._rel(full)
+        if cur == b"":  # a directory appeared at the root's path: the old root was replaced
             sink.root_lost(f"root path {full!r} now names a different directory")
             return
-        self._child_event(m, rel, is_dir)
+        at, ahow = self._locate_at(ev.dfid, self._pos)  # at the event: what the hint must name
+        rel = self._rel(_join_abs(at, ev.name)) if at is not None and ahow != STALE else None
+        if self._pos >= 0 and (ahow == STALE or self._uncertain(self._pos + 1)):
+            # A rename after this event could not be located, so this path may be off: also
+            # compare where the entry is now with the manifest.
+            if cur is not None:
+                assert self._sink is not None
+                self._sink.rescan(cur)
+        if rel is None or rel == b"":
+            return
+        self._child_event(m, rel, is_dir, cur)
 
     def _self_event(self, ev: FanEvent) -> None:
         """An event on a directory itself (name "."): only the root's loss and attribute changes matter."""
@@ -808,33 +988,36 @@ class FanotifyDetector:
         # Other directories' DELETE_SELF/MOVE_SELF: the DELETE/RENAME in the parent carries the
         # path. A merged ATTRIB (chmod, then rename before the read) must still be reported.
         if ev.mask & FAN_ATTRIB:
-            dirabs = self._res.resolve(ev.dfid, known_gone=ev.dfid in self._gone)
+            hit = self._memo.get(ev.dfid)
+            dirabs = hit[0] if hit is not None else self._res.resolve(ev.dfid, known_gone=ev.dfid in self._gone)
             if dirabs is None:
                 return  # the directory is gone; its removal is reported in its parent
-            rel = self._rel(dirabs)
+            at = self._at(dirabs) if ev.dfid not in self._gone else self._locate_at(ev.dfid, self._pos)[0]
+            rel = self._rel(at) if at is not None else None
             if rel is not None:
-                sink.changed(rel)
+                self._changed(rel)
 
-    def _child_event(self, m: int, rel: bytes, is_dir: bool) -> None:
-        """Hints for one (possibly merged) event on the entry rel, in the order that leaves the right state."""
-        sink = self._sink
-        assert sink is not None
+    def _child_event(self, m: int, rel: bytes, is_dir: bool, cur: bytes | None = b"\0") -> None:
+        """Hints for one (possibly merged) event on the entry rel, in the order that leaves the right state.
+
+        rel is the entry's path at the event; `cur` where it is now (for scans), if different.
+        """
         if m & (FAN_DELETE | FAN_MOVED_FROM):
-            sink.removed(rel)
+            self._removed(rel)
             if is_dir:
                 self._dir_left(rel)
         if is_dir:
             if m & (FAN_CREATE | FAN_MOVED_TO):
-                self._dir_appeared(rel, with_content=bool(m & FAN_MOVED_TO))
+                self._dir_appeared(rel, with_content=bool(m & FAN_MOVED_TO), now_at=cur)
             elif m & FAN_ATTRIB:
-                sink.changed(rel)
+                self._changed(rel)
             return
         if m & (FAN_CLOSE_WRITE | FAN_MOVED_TO):
-            sink.changed(rel, closed=True)
+            self._changed(rel, closed=True)
         elif m & (FAN_CREATE | FAN_MODIFY):
-            sink.changed(rel, writing=True)
+            self._changed(rel, writing=True)
         elif m & FAN_ATTRIB:
-            sink.changed(rel)
+            self._changed(rel)
 
     def _rename(self, ev: FanEvent, prev: tuple[bytes, bytes] | None) -> None:
         """FAN_RENAME: old and new directory + name in one event."""
@@ -848,15 +1031,19 @@ class FanotifyDetector:
         if is_dir and old_full is not None and ohow != STALE and self._covers_root(old_full):
             sink.root_lost(f"root directory (or its parent) {old_full!r} was renamed to {new_full!r}")
             return
-        old_rel = self._rel(old_full) if old_full is not None and ohow != STALE else None
-        new_rel = self._rel(new_full) if new_full is not None and nhow != STALE else None
-        if new_rel == b"":
+        if new_full is not None and nhow != STALE and self._rel(new_full) == b"":
             sink.root_lost(f"root path {new_full!r} was replaced by a rename")
             return
+        # The paths at this event (later renames of the batch undone), which the hints must name.
+        oat = self._locate_at(ev.old[0], self._pos)[0] if odir is not None and ohow != STALE else None
+        nat = self._locate_at(ev.new[0], self._pos)[0] if ndir is not None and nhow != STALE else None
+        old_rel = self._rel(_join_abs(oat, ev.old[1])) if oat is not None else None
+        new_rel = self._rel(_join_abs(nat, ev.new[1])) if nat is not None else None
+        new_cur = self._rel(new_full) if new_full is not None and nhow != STALE else None
         if ohow == STALE:
             last = self._unlocatable(odir, f"rename from {ev.old[1]!r}")
             if last is not None:
-                sink.removed(paths_join(last, ev.old[1]))
+                self._removed(paths_join(last, ev.old[1]))
         if nhow == STALE:
             last = self._unlocatable(ndir, f"rename to {ev.new[1]!r}")
             if last is not None:
@@ -864,19 +1051,24 @@ class FanotifyDetector:
                 if is_dir:
                     self._dir_appeared(p, with_content=True)
                 else:
-                    sink.changed(p, closed=True)
-        if old_rel is not None and new_rel is not None and odir is not None and ndir is not None \
-                and self._moved_later(odir, ndir):
-            # A parent was renamed after this event, so these are not the paths the indexer knows
-            # at this point of the stream: a removal plus an arrival, both checked after that move.
-            sink.removed(old_rel)
+                    self._changed(p, closed=True)
+        if new_rel == b"" or old_rel == b"":
+            new_rel = None if new_rel == b"" else new_rel
+            old_rel = None if old_rel == b"" else old_rel
+        if old_rel is not None and new_rel is not None and (self._pos < 0 or GONE in (ohow, nhow)
+                                                            or self._uncertain(self._pos)):
+            # Retried from limbo (renames dispatched since make an exact move unsafe), a parent
+            # deleted since (its path at this event is rebuilt from delete events, best effort),
+            # or a directory rename from here on could not be located: a removal plus an
+            # arrival, both checked after the moves the indexer knows.
+            self._removed(old_rel)
             if is_dir:
                 self._dir_left(old_rel)
-                self._dir_appeared(new_rel, with_content=True)
+                self._dir_appeared(new_rel, with_content=True, now_at=new_cur)
             else:
-                sink.changed(new_rel, closed=True)
+                self._changed(new_rel, closed=True)
         elif old_rel is not None and new_rel is not None:
-            sink.moved(old_rel, new_rel, is_dir)
+            self._moved(old_rel, new_rel, is_dir)
             if is_dir:
                 self._dir_moved(old_rel, new_rel)
             self._last_move = (old_rel, new_rel)
@@ -886,11 +1078,11 @@ class FanotifyDetector:
                 sink.rescan(old_rel)
                 sink.rescan(new_rel)
         elif old_rel is not None:
-            sink.removed(old_rel)
+            self._removed(old_rel)
             if is_dir:
                 self._dir_left(old_rel)
         elif new_rel is not None:
             if is_dir:
-                self._dir_appeared(new_rel, with_content=True)
+                self._dir_appeared(new_rel, with_content=True, now_at=new_cur)
             else:
-                sink.changed(new_rel, closed=True)
+                self._changed(new_rel, closed=True)
