@@ -800,3 +800,50 @@ async def test_hint_is_not_moved_twice_when_names_are_reused(root: Path, make_wa
     w.det.drain()
     await w.barrier()
     assert sink.settle() == _tree(root), sink.calls
+
+
+# -- events elsewhere on the filesystem are cheap ------------------------------------------------
+async def test_outside_directories_are_cached_as_outside(fs: Path, root: Path, make_watch: Callable[..., Watch],
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """After one resolution, events in a directory outside the root are dropped without open_by_handle_at."""
+    import fleetsync.detect.fanotify as fan
+
+    out = fs / "outside" / "busy"
+    out.mkdir()
+    w = make_watch(root)
+    _w(out / "first")
+    await w.barrier()
+    calls: list[bytes] = []
+    real = fan.open_by_handle
+
+    def counting(mount_fd: int, handle: bytes, flags: int = os.O_PATH) -> int:
+        calls.append(handle)
+        return real(mount_fd, handle, flags)
+    monkeypatch.setattr(fan, "open_by_handle", counting)
+    for i in range(20):
+        _w(out / f"f{i}")
+        w.det.drain()  # one batch per write: the per-batch memo does not help here
+    await w.barrier()
+    assert w.det._res.outside_hits >= 20, w.det._res.outside_hits
+    assert calls == [], f"{len(calls)} open_by_handle_at calls for events outside the root"
+    assert not [p for p in w.sink.paths() if not p.startswith(b".barrier-")], w.sink.calls
+
+
+@pytest.mark.parametrize("use_rename", RENAME_MODES)
+async def test_cached_outside_directory_moved_into_the_root(fs: Path, root: Path, make_watch: Callable[..., Watch],
+                                                            use_rename: bool) -> None:
+    """A directory (and one below it) known to be outside, moved into the root: later events are reported."""
+    sub = fs / "outside" / "D" / "sub"
+    sub.mkdir(parents=True)
+    w = make_watch(root, use_rename=use_rename)
+    _w(sub / "warm")  # resolves D/sub: outside, cached
+    _w(fs / "outside" / "D" / "warm")
+    await w.barrier()
+    assert len(w.det._res.outside) >= 2
+    os.rename(fs / "outside" / "D", root / "D")
+    _w(root / "D" / "sub" / "later.html")
+    await w.until(lambda c: c == ("changed", b"D/sub/later.html", False, True), "changed(D/sub/later.html)")
+    (root / "E").mkdir()
+    os.rename(root / "D", root / "E" / "D")  # and it keeps being followed inside
+    _w(root / "E" / "D" / "sub" / "again.html")
+    await w.until(lambda c: c == ("changed", b"E/D/sub/again.html", False, True), "changed(E/D/sub/again.html)")

@@ -113,6 +113,10 @@ READ_SIZE = 256 * 1024
 #: Upper bound of events read by one drain() (the default kernel queue holds 16384).
 MAX_EVENTS_PER_DRAIN = 65536
 CACHE_MAX = 16384
+#: Directories known to lie outside the root (and not to hold it): their events are dropped at once.
+OUTSIDE_MAX = 16384
+#: What a directory known to lie outside the root resolves to (no path: never inside any root).
+OUTSIDE = b"\0outside"
 #: open_by_handle_at attempts for a directory that may still exist (see _Resolver.resolve).
 OPEN_ATTEMPTS = 4
 #: readlink + lstat rounds before a directory that keeps moving is given up on.
@@ -334,10 +338,17 @@ class _Resolver:
     be inside the root, so it is reported as-is (outside) and never cached.
     """
 
-    def __init__(self, mount_fd: int, inside: Callable[[bytes], bool]) -> None:
+    def __init__(self, mount_fd: int, inside: Callable[[bytes], bool],
+                 holds_root: Callable[[bytes], bool] = lambda p: True) -> None:
         self.mount_fd = mount_fd
         self.inside = inside
+        self.holds_root = holds_root
         self.cache: dict[bytes, tuple[bytes, int, int]] = {}
+        #: Handles of live directories outside the root that are not the root's ancestors. Only a
+        #: directory rename can bring one (or a directory below it) into the root, so every batch
+        #: with a directory rename that may end inside the root clears it first (`forget_outside`).
+        self.outside: dict[bytes, None] = {}
+        self.outside_hits = 0
         self.failures = 0
         self.retries = 0
         self.reasons: collections.Counter[str] = collections.Counter()
@@ -349,7 +360,11 @@ class _Resolver:
         ESTALE/ENOMEM do not prove the directory is gone: decoding a handle whose dentry was
         evicted reconnects it through its parents and can lose a race with a concurrent rename
         (measured on ext4). Such failures are retried unless the directory is known deleted.
+        A directory known to lie outside the root resolves to OUTSIDE without a system call.
         """
+        if handle in self.outside:
+            self.outside_hits += 1
+            return OUTSIDE
         hit = self.cache.get(handle)
         if hit is not None:
             try:
@@ -384,6 +399,10 @@ class _Resolver:
             finally:
                 os.close(fd)
             if not self.inside(path):
+                if not self.holds_root(path):
+                    if len(self.outside) >= OUTSIDE_MAX:
+                        del self.outside[next(iter(self.outside))]  # oldest first
+                    self.outside[handle] = None
                 return path
             try:
                 st2 = os.lstat(path)
@@ -404,6 +423,27 @@ class _Resolver:
         self.failures += 1
         self.reasons[reason] += 1
         return None
+
+    def forget_outside(self, events: list[FanEvent]) -> None:
+        """Clear the outside-the-root cache if a directory may have moved into the root in events.
+
+        A directory renamed under a parent that is not known to be outside may have entered the
+        root, and with it every directory below it: their handles must be resolved again.
+        """
+        if not self.outside:
+            return
+        for ev in events:
+            if not ev.mask & FAN_ONDIR:
+                continue
+            if ev.mask & FAN_RENAME and ev.new is not None:
+                parent = ev.new[0]
+            elif ev.mask & FAN_MOVED_TO and ev.dfid is not None:
+                parent = ev.dfid
+            else:
+                continue
+            if parent not in self.outside:
+                self.outside.clear()
+                return
 
     def last_known(self, handle: bytes) -> bytes | None:
         """Where the directory was when it was last resolved (may be stale)."""
@@ -460,7 +500,7 @@ class FanotifyDetector:
         except BaseException:
             self.close()
             raise
-        self._res = _Resolver(self._root_fd, lambda p: self._rel(p) is not None)
+        self._res = _Resolver(self._root_fd, lambda p: self._rel(p) is not None, self._covers_root)
 
     # -- setup -----------------------------------------------------------------------------------
     @staticmethod
@@ -568,6 +608,7 @@ class FanotifyDetector:
                 self._emitted = []
                 self._prev_index = None
             self._fallbacks.clear()
+            self._res.forget_outside(events)
             self._memo.clear()
             self._at_memo.clear()
             self._collect_gone(events)
@@ -798,6 +839,8 @@ class FanotifyDetector:
         r = self.root_abs
         if full == r:
             return b""
+        if not full.startswith(b"/"):
+            return None  # OUTSIDE (a directory known to lie elsewhere)
         if r == b"/":
             return full[1:]
         if full.startswith(r + b"/"):
@@ -952,6 +995,8 @@ class FanotifyDetector:
             return
         self._last_move = None
         dirabs, how = self._locate(ev.dfid)
+        if dirabs == OUTSIDE:
+            return  # a directory elsewhere on the filesystem
         is_dir = bool(m & FAN_ONDIR)
         if dirabs is None or how == STALE:
             last = self._unlocatable(dirabs, f"event {m:#x} on {ev.name!r}")
