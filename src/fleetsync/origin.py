@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Callable
 from typing import Any
 
 from fleetsync import paths
@@ -50,23 +51,17 @@ class Origin:
         self._stop = asyncio.Event()
 
     def _make_detector(self, kind: str) -> Detector:
-        """Pick the detector backend ('auto': inotify, else the scanner; fanotify on request).
-
-        fanotify is not the automatic choice yet: a long randomized soak (25 workloads of rapid
-        nested directory moves) still finds a rare missed change in it that inotify no longer has.
-        """
-        if kind == "fanotify":
-            try:
-                from fleetsync.detect.fanotify import FanotifyDetector, fanotify_available
-
-                ok, why = fanotify_available(self.root)
-            except ImportError as e:  # pragma: no cover - module missing
-                ok, why = False, str(e)
-            if ok:
-                return FanotifyDetector(self.root)
+        """Build the detector backend for --detector kind (see `select_detector` for 'auto')."""
+        if kind in ("auto", "fanotify"):
+            choice, why = select_detector(kind, lambda: _fanotify_check(self.root))
+            if choice == "fanotify":
+                made = _try_fanotify(self.root, strict=kind == "fanotify")
+                if not isinstance(made, str):
+                    return made
+                why = made
             if kind == "fanotify":
                 raise SystemExit(f"fleetsync origin: fanotify unavailable: {why}")
-            log.info("fanotify not used (%s); using inotify", why)
+            log.info("fanotify unavailable: %s; using inotify", why)
         if kind in ("auto", "inotify"):
             try:
                 det = InotifyDetector(self.root)
@@ -152,6 +147,52 @@ class Origin:
                          "%d pending", ix.scan_checked, ix.scan_differ, ix.records_written, len(ix.pending))
                 last = (ix.records_written, ix.scan_checked)
             self.journal.compact(self.retain)
+
+
+def select_detector(kind: str, fanotify_check: Callable[[], tuple[bool, str]]) -> tuple[str | None, str | None]:
+    """The backend for --detector kind and why fanotify was not chosen (None: chosen, or not asked for).
+
+    'auto' picks fanotify when `fanotify_check` passes (root with CAP_SYS_ADMIN, Linux >= 5.9, a
+    root filesystem with file handles, a filesystem mark that can be set), else inotify; the
+    caller logs the reason. An explicit 'fanotify' that is unavailable gives (None, reason).
+    """
+    if kind not in ("auto", "fanotify"):
+        return kind, None
+    ok, why = fanotify_check()
+    if ok:
+        return "fanotify", None
+    return ("inotify" if kind == "auto" else None), why
+
+
+def _fanotify_check(root: str) -> tuple[bool, str]:
+    """fanotify_available(root), or (False, reason) if the backend cannot even be imported."""
+    try:
+        from fleetsync.detect.fanotify import fanotify_available
+    except ImportError as e:  # pragma: no cover - module missing
+        return False, f"fanotify backend not importable: {e}"
+    return fanotify_available(root)
+
+
+def _try_fanotify(root: str, *, strict: bool) -> Detector | str:
+    """A started-up fanotify detector, or the reason it cannot be used (with strict=False: for 'auto').
+
+    Under 'auto' a failing fanotify_init/fanotify_mark, or another filesystem mounted below the
+    root (which the filesystem mark would not see), means inotify instead.
+    """
+    from fleetsync.detect.fanotify import FanotifyDetector
+
+    try:
+        det = FanotifyDetector(root)
+    except OSError as e:
+        if strict:
+            raise SystemExit(f"fleetsync origin: fanotify unavailable: {e}") from e
+        return str(e)
+    mounts = det.submounts()
+    if mounts and not strict:
+        det.close()
+        return f"{len(mounts)} other filesystem(s) mounted below the root ({mounts[0]!r}, ...) that a " \
+               "filesystem mark does not see"
+    return det
 
 
 def run_origin(root: str, state: str, listen: tuple[str, int], **kw: Any) -> None:

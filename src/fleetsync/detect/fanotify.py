@@ -211,15 +211,23 @@ def fd_path(fd: int) -> bytes:
 
 
 # -- availability --------------------------------------------------------------------------------
+def fanotify_precheck(platform: str, euid: int, kernel: tuple[int, int]) -> str | None:
+    """Why a system with these properties cannot use the fanotify backend (None: worth trying)."""
+    if not platform.startswith("linux"):
+        return f"not Linux ({platform})"
+    if euid != 0:
+        return f"not root (euid {euid}); fanotify filesystem marks need CAP_SYS_ADMIN"
+    if kernel < MIN_KERNEL:
+        return f"kernel {kernel[0]}.{kernel[1]} < {MIN_KERNEL[0]}.{MIN_KERNEL[1]}"
+    return None
+
+
 def fanotify_available(root: str | bytes) -> tuple[bool, str]:
     """(True, detail) if the fanotify backend can watch root, else (False, human-readable reason)."""
-    if not sys.platform.startswith("linux"):
-        return False, f"not Linux ({sys.platform})"
-    if os.geteuid() != 0:
-        return False, f"not root (euid {os.geteuid()}); fanotify filesystem marks need CAP_SYS_ADMIN"
-    kv = kernel_version()
-    if kv < MIN_KERNEL:
-        return False, f"kernel {kv[0]}.{kv[1]} < {MIN_KERNEL[0]}.{MIN_KERNEL[1]}"
+    kv = kernel_version() if sys.platform.startswith("linux") else (0, 0)
+    why = fanotify_precheck(sys.platform, os.geteuid(), kv)
+    if why is not None:
+        return False, why
     broot = os.fsencode(root)
     try:
         _libc()
@@ -534,6 +542,10 @@ class FanotifyDetector:
                 return mask, bool(mask & FAN_RENAME)
         assert last is not None
         raise last
+
+    def submounts(self) -> list[bytes]:
+        """Mount points below the root: other filesystems, which the mark does not cover."""
+        return self._submounts()
 
     def _submounts(self) -> list[bytes]:
         """Mount points below the root (other filesystems are not covered by the mark)."""
