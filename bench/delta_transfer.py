@@ -48,8 +48,10 @@ def serve(root: str, db: str, port: int) -> None:
 
     j = SqliteJournal(db, durable=False)
     state = ServerState(j, root)
-    state.extra_routes.extend(chunks.routes(state))
-    web.run_app(build_app(state), host="127.0.0.1", port=port, access_log=None, print=None)
+    app = build_app(state)
+    if not any(r.canonical == API + "/chunks/{digest}" for r in app.router.resources()):
+        app.router.add_routes(chunks.routes(state))
+    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None)
 
 
 def make_files(workdir: str, size: int, edit: int) -> tuple[str, str, Entry]:

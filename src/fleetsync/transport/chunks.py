@@ -487,3 +487,32 @@ async def fetch_delta(session: aiohttp.ClientSession, base: str, digest: bytes, 
 def usable_source(st: os.stat_result | None) -> bool:
     """True if a local file with this lstat result is worth chunking as a delta source."""
     return st is not None and stat.S_ISREG(st.st_mode) and st.st_size >= SOURCE_MIN_SIZE
+
+
+async def try_delta(client: Any, fs: Any, path: bytes, e: Any, out_fd: int,
+                    executor: Executor | None = None) -> bool:
+    """Fill the empty temp file out_fd with entry e's content by chunk-level transfer from the file at path.
+
+    `client` is an UpstreamClient (session, base, account()), `fs` the replica's ConfinedRoot. True
+    if out_fd now holds the verified content; False (out_fd emptied again) when the file is too
+    small, there is no usable local version, or the transfer failed: fetch it whole then.
+    """
+    if e.size < DELTA_MIN_SIZE or e.hash is None or not usable_source(fs.lstat(path)):
+        return False
+    try:
+        src = fs.open_read(path)
+    except (OSError, FleetsyncError):
+        return False
+    try:
+        res = await fetch_delta(client.session, client.base, e.hash, e.size, src, out_fd,
+                                executor=executor, on_bytes=client.account)
+    except (DeltaUnavailable, OSError) as err:
+        log.info("chunk-level transfer of %r not used, fetching it whole: %s", path[:200], err)
+        os.ftruncate(out_fd, 0)
+        os.lseek(out_fd, 0, os.SEEK_SET)
+        return False
+    finally:
+        os.close(src)
+    log.info("%r: %d of %d bytes fetched as %d range(s) + %d-byte chunk list, %d reused locally",
+             path[:200], res.fetched, res.size, res.ranges, res.list_bytes, res.reused)
+    return True
