@@ -18,7 +18,7 @@ from fleetsync.cli.options import LISTEN, token_option, verbose_option
 @click.option("--allow-empty-root", is_flag=True, help="Propagate an empty root (normally a pause: invariant 6).")
 @click.option("--ignore", multiple=True, help="Extra upload temp-name pattern to ignore (repeatable).")
 @click.option("--detector", type=click.Choice(["auto", "fanotify", "inotify", "scan"]), default="auto",
-              show_default=True, help="Change detection backend (auto: inotify, else the portable scanner).")
+              show_default=True, help="Change detection backend (auto: fanotify when root on Linux >= 5.9 and the root filesystem supports file handles, else inotify, else the portable scanner).")
 @click.option("--scan-interval", default=1.0, show_default=True, type=click.FloatRange(0.05),
               help="Scanner: seconds between passes.")
 @click.option("--scan-rate", default=5000.0, show_default=True, type=click.FloatRange(1.0),

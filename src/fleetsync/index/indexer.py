@@ -47,6 +47,7 @@ class _Obs:
     entry: Entry | None = None
     local: LocalStat | None = None
     unstable: bool = False
+    hashed: bool = False
 
 
 class Indexer:
@@ -306,10 +307,10 @@ class Indexer:
             return False
         return held is None or (st.st_dev, st.st_ino) in held
 
-    def _held_open(self) -> set[tuple[int, int]] | None:
-        """(dev, ino) of every file some process has open, from /proc (cached for 0.5 s)."""
+    def _held_open(self, fresh: bool = False) -> set[tuple[int, int]] | None:
+        """(dev, ino) of every file some process has open, from /proc (cached for 0.5 s unless fresh)."""
         now = time.monotonic()
-        if now - self._held_at < 0.5:
+        if not fresh and now - self._held_at < 0.5:
             return self._held
         self._held_at = now
         held: set[tuple[int, int]] = set()
@@ -463,6 +464,20 @@ class Indexer:
                 o.unstable = True
                 continue
             o.entry = entry_from_stat(st, hash_=digest)
+            o.hashed = True
+        if not self.close_events:
+            # No close events (the scanner): a writer may have opened the file (O_TRUNC) before
+            # our lstat and stalled for longer than the settle window; a cached view of /proc
+            # could predate its open. Ask /proc again now that the content was read.
+            hashed = [o for o in out if o.hashed and not o.unstable]
+            held = self._held_open(fresh=True) if hashed else None
+            if held is not None:
+                now_ns = time.time_ns()
+                for o in hashed:
+                    assert o.st is not None
+                    recent = now_ns - o.st.st_ctime_ns < self.open_timeout * 1e9
+                    if recent and (o.st.st_dev, o.st.st_ino) in held:
+                        o.unstable = True
         return out
 
     def _changes(self, obs: list[_Obs]) -> list[Change]:
