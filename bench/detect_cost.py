@@ -529,7 +529,8 @@ def run_size(n: int, args: argparse.Namespace, workdir: str) -> dict[str, Any]:
                 log(f"N={n}: restarting origin with detector {det}")
                 t0 = o.start()
                 st = o.wait_indexed(t0, args.timeout, poll=1.0)
-            res["per_detector"][det] = measure_rounds(o, corpus, args, base, n, st.get("detector"))
+            if not args.skip_rounds:
+                res["per_detector"][det] = measure_rounds(o, corpus, args, base, n, st.get("detector"))
         o.detector = detectors[0]
 
         if not args.skip_reconcile:
@@ -639,6 +640,7 @@ def main() -> int:
                    help="rsync mirror: cp -a, sparse (same names/sizes/mtimes, no data), none (skip rsync); "
                         "auto = cp if the disk has room for it")
     p.add_argument("--skip-reconcile", action="store_true")
+    p.add_argument("--skip-rounds", action="store_true", help="only the start-up reconcile (with --reuse)")
     p.add_argument("--timeout", type=float, default=3600.0, help="max seconds for an index/reconcile")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--combine", nargs="+", default=None, help="print markdown tables from result JSON files")
