@@ -141,8 +141,7 @@ def loopback(workdir: str, files: int) -> list[dict[str, Any]]:
     os.makedirs(state, exist_ok=True)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    fleetsync = os.path.join(REPO, ".venv", "bin", "fleetsync")
-    proc = subprocess.Popen([fleetsync, "origin", "--root", root, "--state", state, "--listen", f"127.0.0.1:{port}"],
+    proc = subprocess.Popen([sys.executable, "-m", "fleetsync", "origin", "--root", root, "--state", state, "--listen", f"127.0.0.1:{port}"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         import urllib.request
