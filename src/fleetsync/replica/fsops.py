@@ -8,6 +8,7 @@ renamed into place, so readers only ever see complete versions (invariant 1).
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import ctypes.util
 import errno
@@ -15,17 +16,19 @@ import itertools
 import os
 import shutil
 import stat
+import threading
 from collections.abc import Iterator
 from typing import Any
 
 from fleetsync import paths
 from fleetsync.entry import DIR, FILE, LINK, Entry
 from fleetsync.errors import FleetsyncError, IntegrityError, UnsafePath
-from fleetsync.hashing import CHUNK, hash_fd, new_hasher
+from fleetsync.hashing import CHUNK, hash_bytes, hash_fd, new_hasher
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _counter = itertools.count()
+_hints_lock = threading.Lock()
 
 
 def syncfs(fd: int) -> None:
@@ -48,10 +51,13 @@ class ConfinedRoot:
         self._dirs: dict[bytes, int] = {}
         self._cache = cache
         self._tmpfile = hasattr(os, "O_TMPFILE") and os.path.isdir("/proc/self/fd")
+        self._hints: CachedReader | None = None
 
     def close(self) -> None:
         """Release directory descriptors."""
         self.forget_dirs()
+        if self._hints is not None:
+            self._hints.close()
         os.close(self.fd)
 
     def forget_dirs(self) -> None:
@@ -205,6 +211,104 @@ class ConfinedRoot:
             os.close(fd)
         self._replace(dfd, tmp, path)
 
+    def make_root_temp(self, data: bytes, e: Entry, near: bytes | None = None) -> tuple[int, bytes | None]:
+        """Verify data against e, write it to an unlinked temp file with e's mode and mtime.
+
+        Thread-safe: never uses the directory cache. The unnamed file is created in the
+        directory `near` (the destination's parent, for inode locality) when a separate, locked
+        resolver finds it, else in the root; where it was created does not matter for
+        correctness, link_root_temp() places it by path. Returns (fd, temp name or None).
+        """
+        if len(data) != e.size or hash_bytes(data) != e.hash:
+            raise IntegrityError(f"blob {e.hash.hex()[:12] if e.hash else '?'}…: hash mismatch, not written")
+        fd, tmp = -1, None
+        if near and self._tmpfile:
+            fd = self._near_tmpfile(near)
+        if fd < 0:
+            fd, tmp = self.open_root_temp()
+        try:
+            view = memoryview(data)
+            while view:
+                n = os.write(fd, view)
+                view = view[n:]
+            os.fchmod(fd, e.mode)
+            os.utime(fd, ns=(e.mtime_ns, e.mtime_ns))
+        except BaseException:
+            self.abort_temp(self.fd, tmp, fd)
+            raise
+        return fd, tmp
+
+    def _near_tmpfile(self, dpath: bytes) -> int:
+        """An O_TMPFILE file in directory dpath, or -1 (not resolvable now, or unsupported)."""
+        if self._hints is None:
+            with _hints_lock:
+                if self._hints is None:
+                    self._hints = CachedReader(self.root, max_dirs=256)
+        for fresh in (False, True):
+            try:
+                return self._hints.open_tmpfile(dpath, fresh)
+            except (OSError, UnsafePath):
+                continue
+        return -1
+
+    def open_root_temp(self) -> tuple[int, bytes | None]:
+        """A writable temp file in the root directory (unnamed if possible): (fd, temp name or None). Thread-safe."""
+        if self._tmpfile:
+            try:
+                return os.open(".", os.O_RDWR | os.O_TMPFILE | os.O_CLOEXEC, 0o600, dir_fd=self.fd), None
+            except OSError as err:
+                if err.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT):
+                    raise
+                self._tmpfile = False
+        tmp = self._temp_name()
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=self.fd)
+        return fd, tmp
+
+    def link_root_temp(self, path: bytes, fd: int, tmp: bytes | None) -> None:
+        """Put a temp file from make_root_temp() at path atomically (link or rename); closes fd."""
+        try:
+            dfd, nm = self._at(path, create_parents=True)
+            if tmp is None:
+                try:
+                    os.link(f"/proc/self/fd/{fd}", nm, dst_dir_fd=dfd, follow_symlinks=True)
+                    return
+                except FileExistsError:
+                    pass
+                except OSError as err:
+                    if err.errno != errno.EXDEV:
+                        raise
+                    self._copy_fd_into(fd, path)
+                    return
+                tmp = self._temp_name()
+                os.link(f"/proc/self/fd/{fd}", tmp, dst_dir_fd=dfd, follow_symlinks=True)
+                self._replace(dfd, tmp, path)
+                return
+            try:
+                self._replace(dfd, tmp, path, src_dfd=self.fd)
+            except OSError as err:
+                if err.errno != errno.EXDEV:
+                    raise
+                self._copy_fd_into(fd, path)
+                os.unlink(tmp, dir_fd=self.fd)
+        finally:
+            os.close(fd)
+
+    def _copy_fd_into(self, sfd: int, path: bytes) -> None:
+        """Copy a root temp file into a temp next to path, then place it (path is on another mount)."""
+        st = os.fstat(sfd)
+        rfd = os.open(f"/proc/self/fd/{sfd}", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            dfd, tmp, fd = self.open_temp(path)
+            try:
+                while chunk := os.read(rfd, CHUNK):
+                    os.write(fd, chunk)
+            except BaseException:
+                self.abort_temp(dfd, tmp, fd)
+                raise
+        finally:
+            os.close(rfd)
+        self.commit_temp(path, dfd, tmp, fd, Entry(FILE, stat.S_IMODE(st.st_mode), st.st_size, st.st_mtime_ns))
+
     def abort_temp(self, dfd: int, tmp: bytes | None, fd: int | None = None) -> None:
         """Remove an unfinished temp file."""
         if fd is not None:
@@ -219,15 +323,17 @@ class ConfinedRoot:
         except OSError:
             pass
 
-    def _replace(self, dfd: int, tmp: bytes, path: bytes) -> None:
+    def _replace(self, dfd: int, tmp: bytes, path: bytes, src_dfd: int | None = None) -> None:
         nm = paths.name(path)
+        sfd = dfd if src_dfd is None else src_dfd
         try:
-            os.rename(tmp, nm, src_dir_fd=dfd, dst_dir_fd=dfd)
+            os.rename(tmp, nm, src_dir_fd=sfd, dst_dir_fd=dfd)
         except (IsADirectoryError, OSError) as err:
             if err.errno not in (errno.EISDIR, errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
                 raise
-            self.delete(path)
-            os.rename(tmp, nm, src_dir_fd=dfd, dst_dir_fd=dfd)
+            self.delete(path)  # may drop cached directory descriptors: resolve again
+            dfd, _ = self._at(path, create_parents=True)
+            os.rename(tmp, nm, src_dir_fd=dfd if src_dfd is None else src_dfd, dst_dir_fd=dfd)
 
     def write_file(self, path: bytes, data: bytes, e: Entry) -> None:
         """Atomically place verified content at path."""
@@ -382,6 +488,69 @@ class ConfinedRoot:
         syncfs(self.fd)
 
 
+class CachedReader:
+    """Thread-safe reads under a root with a bounded cache of directory descriptors (serving side).
+
+    Directories are opened component by component with O_NOFOLLOW, like ConfinedRoot. A cached
+    descriptor follows its directory if it is renamed, so a read may find a file under the
+    directory's new name or fail; callers verify the content hash after reading and retry with
+    fresh=True, which makes a stale entry harmless.
+    """
+
+    def __init__(self, root: str | bytes, max_dirs: int = 512) -> None:
+        self.root = os.fsencode(root)
+        self.fd = os.open(self.root, _DIR_FLAGS)
+        self.max_dirs = max_dirs
+        self._dirs: collections.OrderedDict[bytes, int] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        """Release descriptors."""
+        with self._lock:
+            for fd in self._dirs.values():
+                os.close(fd)
+            self._dirs.clear()
+            os.close(self.fd)
+
+    def _dir(self, dpath: bytes, fresh: bool) -> int:
+        if not dpath:
+            return self.fd
+        fd = None if fresh else self._dirs.get(dpath)
+        if fd is not None:
+            self._dirs.move_to_end(dpath)
+            return fd
+        parent = self._dir(paths.parent(dpath), fresh)
+        try:
+            fd = os.open(paths.name(dpath), _DIR_FLAGS, dir_fd=parent)
+        except OSError as e:
+            if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise UnsafePath(f"{dpath!r}: a parent is not a directory (symlink?)") from e
+            raise
+        old = self._dirs.pop(dpath, None)
+        if old is not None:
+            os.close(old)
+        self._dirs[dpath] = fd
+        while len(self._dirs) > self.max_dirs:
+            _, ofd = self._dirs.popitem(last=False)
+            os.close(ofd)
+        return fd
+
+    def open_tmpfile(self, dpath: bytes, fresh: bool = False) -> int:
+        """An unnamed O_TMPFILE file (O_RDWR) in directory dpath."""
+        with self._lock:
+            dfd = self._dir(dpath, fresh)
+            return os.open(".", os.O_RDWR | os.O_TMPFILE | os.O_CLOEXEC, 0o600, dir_fd=dfd)
+
+    def open_read(self, path: bytes, fresh: bool = False) -> int:
+        """Open a file for reading without following symlinks; fresh=True re-resolves every parent."""
+        paths.validate(path)
+        with self._lock:
+            dfd = self._dir(paths.parent(path), fresh)
+            # O_NONBLOCK: a FIFO planted under the name must not block the server (no effect on files).
+            return os.open(paths.name(path), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK,
+                           dir_fd=dfd)
+
+
 def verify_digest(data: bytes, e: Entry, where: str) -> None:
     """Raise IntegrityError if data does not hash to e.hash."""
     from fleetsync.hashing import hash_bytes
@@ -390,4 +559,4 @@ def verify_digest(data: bytes, e: Entry, where: str) -> None:
         raise IntegrityError(f"{where}: hash mismatch for blob {e.hash.hex()[:12]}…" if e.hash else where)
 
 
-__all__ = ["ConfinedRoot", "syncfs", "verify_digest", "FleetsyncError"]
+__all__ = ["ConfinedRoot", "CachedReader", "syncfs", "verify_digest", "FleetsyncError"]

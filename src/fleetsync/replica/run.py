@@ -26,6 +26,7 @@ def run_replica(root: str, state: str, upstream: str, replica_id: str, listen: t
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop)
         runner = None
+        srv = None
         if listen is not None:
             srv = ServerState(r.journal, root, role="replica", extra_status=r.status)
             r.on_applied.append(srv.notify)
@@ -40,6 +41,8 @@ def run_replica(root: str, state: str, upstream: str, replica_id: str, listen: t
         finally:
             if runner is not None:
                 await runner.cleanup()
+            if srv is not None:
+                srv.close()
             await r.close()
 
     asyncio.run(main())

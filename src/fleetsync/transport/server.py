@@ -7,12 +7,17 @@ snapshot, status. Content is looked up by hash in the manifest and read through 
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import hmac
 import json
 import logging
 import os
+import sqlite3
 import stat
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,17 +25,51 @@ from typing import Any
 from aiohttp import web
 
 from fleetsync import paths
-from fleetsync.entry import Entry
+from fleetsync.entry import FILE, Entry
 from fleetsync.errors import UnsafePath
 from fleetsync.hashing import hash_bytes
 from fleetsync.journal.sqlite import SqliteJournal
-from fleetsync.replica.fsops import ConfinedRoot
+from fleetsync.replica.fsops import CachedReader
 from fleetsync.transport.wire import API, BATCH_BLOB_MAX, BATCH_MAX_HASHES, CHANGED, GONE, OK, TOO_LARGE, frame_header
 
 log = logging.getLogger("fleetsync.server")
 FEED_MAX_LIMIT = 10000
 FEED_MAX_WAIT = 60.0
 READ_GROUP = 64
+#: A read group also ends once it holds this many content bytes (bounds memory per blob stream).
+READ_GROUP_BYTES = 1 << 20
+#: Threads reading blobs for all streams together (few threads: few malloc arenas, bounded buffers).
+READERS = 3
+#: Hand freed blob buffers back to the OS after this many bytes were served (glibc keeps them otherwise).
+TRIM_EVERY_BYTES = 32 << 20
+#: Page cache of the blob-lookup connection (KiB); lookups touch only the hash index and a few rows.
+LOOKUP_CACHE_KIB = 2048
+
+
+class BlobLookup:
+    """Finds the paths holding a content hash: one indexed query per blob on a private read-only connection.
+
+    Not the journal's own connection, so a lookup never sees a transaction in progress and never
+    waits for the journal's lock.
+    """
+
+    def __init__(self, db_path: str) -> None:
+        uri = "file:" + os.path.abspath(db_path).replace("?", "%3f").replace("#", "%23") + "?mode=ro"
+        self.db = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+        self.db.execute(f"PRAGMA cache_size=-{LOOKUP_CACHE_KIB}")
+        self._lock = threading.Lock()
+
+    def find(self, digest: bytes, limit: int = 4) -> list[tuple[bytes, int, int]]:
+        """(path, size, mtime_ns) of up to `limit` manifest files with this hash."""
+        with self._lock:
+            return self.db.execute(
+                "SELECT path, size, mtime FROM manifest WHERE hash=? AND kind='f' LIMIT ?", (digest, limit)
+            ).fetchall()
+
+    def close(self) -> None:
+        """Close the connection."""
+        with self._lock:
+            self.db.close()
 
 
 @dataclass(slots=True)
@@ -59,7 +98,10 @@ class ServerState:
 
     def __post_init__(self) -> None:
         self._changed = asyncio.Event()
-        self._reader = ConfinedRoot(self.root, cache=False)
+        self._reader = CachedReader(self.root)
+        self._lookup = BlobLookup(self.journal.db_path)
+        self.read_pool = ThreadPoolExecutor(max_workers=READERS, thread_name_prefix="fleetsync-read")
+        self._served_since_trim = 0
 
     def notify(self) -> None:
         """Wake long-polling feed requests (call after committing records)."""
@@ -84,56 +126,112 @@ class ServerState:
         return f
 
     # -- content ---------------------------------------------------------------------------------
+    def _open(self, p: bytes, size: int, mtime_ns: int | None, fresh: bool) -> int | None:
+        """Open p if it is a regular file of the recorded size (and mtime, if given), else None."""
+        try:
+            fd = self._reader.open_read(p, fresh)
+        except (OSError, UnsafePath):
+            return None
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode) and st.st_size == size and mtime_ns in (None, st.st_mtime_ns):
+            return fd
+        os.close(fd)
+        return None
+
     def read_small(self, digest: bytes) -> tuple[int, bytes]:
         """Read a small blob by hash from the tree, verified: (status, data)."""
-        cands = self.journal.paths_with_hash(digest)
+        cands = self._lookup.find(digest)
         if not cands:
             return GONE, b""
-        status = GONE
-        for p in cands:
-            e = self.journal.get(p)
-            if e is None or e.hash != digest:
-                continue
-            if e.size > BATCH_BLOB_MAX:
+        for p, size, mtime_ns in cands:
+            if size > BATCH_BLOB_MAX:
                 return TOO_LARGE, b""
-            try:
-                fd = self._reader.open_read(p)
-            except (OSError, UnsafePath):
-                status = CHANGED
-                continue
-            try:
-                data = os.read(fd, e.size + 1)
-                while len(data) < e.size + 1:
-                    more = os.read(fd, e.size + 1 - len(data))
-                    if not more:
-                        break
-                    data += more
-            finally:
-                os.close(fd)
-            if len(data) == e.size and hash_bytes(data) == digest:
-                return OK, data
-            status = CHANGED
-        return status, b""
+            # A cached directory descriptor may be stale (renamed directory): the hash check below
+            # catches a wrong file, and a miss is retried with every parent resolved afresh.
+            for fresh in (False, True):
+                fd = self._open(p, size, None, fresh)  # the hash decides, not the mtime
+                if fd is None:
+                    continue
+                try:
+                    data = _read_exactly(fd, size)
+                finally:
+                    os.close(fd)
+                if data is not None and hash_bytes(data) == digest:
+                    return OK, data
+        return CHANGED, b""
 
     def open_blob(self, digest: bytes) -> tuple[int, Entry, int] | tuple[int, None, None]:
         """Open a blob for streaming: (status, entry, fd) with size/mtime checked against the manifest."""
-        cands = self.journal.paths_with_hash(digest)
-        status = GONE
-        for p in cands:
-            e = self.journal.get(p)
-            if e is None or e.hash != digest:
-                continue
-            try:
-                fd = self._reader.open_read(p)
-            except (OSError, UnsafePath):
-                status = CHANGED
-                continue
-            st = os.fstat(fd)
-            if stat.S_ISREG(st.st_mode) and st.st_size == e.size and st.st_mtime_ns == e.mtime_ns:
-                return OK, e, fd
-            os.close(fd)
-            status = CHANGED
-        return status, None, None
+        cands = self._lookup.find(digest)
+        if not cands:
+            return GONE, None, None
+        for p, size, mtime_ns in cands:
+            for fresh in (False, True):
+                fd = self._open(p, size, mtime_ns, fresh)
+                if fd is not None:
+                    st = os.fstat(fd)
+                    return OK, Entry(FILE, stat.S_IMODE(st.st_mode), size, mtime_ns, digest), fd
+        return CHANGED, None, None
+
+    def read_group(self, digests: list[bytes]) -> list[tuple[int, bytes]]:
+        """read_small() for a prefix of digests: stops after READ_GROUP_BYTES of content (at least one)."""
+        out: list[tuple[int, bytes]] = []
+        total = 0
+        for d in digests:
+            out.append(self.read_small(d))
+            total += len(out[-1][1])
+            if total >= READ_GROUP_BYTES:
+                break
+        return out
+
+    def served(self, nbytes: int) -> None:
+        """Count content bytes served; now and then return freed buffers to the OS."""
+        self._served_since_trim += nbytes
+        if self._served_since_trim >= TRIM_EVERY_BYTES:
+            self._served_since_trim = 0
+            self.read_pool.submit(_malloc_trim)
+
+    def close(self) -> None:
+        """Release descriptors, threads and the lookup connection."""
+        self.read_pool.shutdown(wait=True)
+        self._reader.close()
+        self._lookup.close()
+
+
+def _malloc_trim() -> None:
+    """glibc malloc_trim(0): release free heap pages of every arena (no-op elsewhere)."""
+    global _libc
+    if _libc is None:
+        try:
+            _libc = ctypes.CDLL(ctypes.util.find_library("c") or None)
+            _libc.malloc_trim  # noqa: B018 - probe
+        except (OSError, AttributeError):
+            _libc = False
+    if _libc:
+        _libc.malloc_trim(0)
+
+
+_libc: Any = None
+
+
+def _read_exactly(fd: int, size: int) -> bytes | None:
+    """Read exactly size bytes from fd, or None if the file is shorter or longer."""
+    data = os.read(fd, size + 1)
+    if len(data) > size:
+        return None
+    if len(data) < size:
+        parts = [data]
+        got = len(data)
+        while got <= size:
+            more = os.read(fd, size + 1 - got)
+            if not more:
+                break
+            parts.append(more)
+            got += len(more)
+        if got != size:
+            return None
+        data = b"".join(parts)
+    return data
 
 
 def _auth_middleware(state: ServerState) -> Any:
@@ -215,17 +313,25 @@ def build_app(state: ServerState) -> web.Application:
         resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
         await resp.prepare(request)
         loop = asyncio.get_running_loop()
-        for i in range(0, len(digests), READ_GROUP):
+        i = 0
+        sent = 0
+        while i < len(digests):
             group = digests[i:i + READ_GROUP]
-            results = await loop.run_in_executor(None, lambda g=group: [state.read_small(d) for d in g])
+            results = await loop.run_in_executor(state.read_pool, state.read_group, group)
             parts = []
             for d, (st, data) in zip(group, results):
                 parts.append(frame_header(d, st, len(data)))
                 parts.append(data)
+                sent += len(data)
                 if f is not None:
                     f.bytes_sent += len(data)
-            await resp.write(b"".join(parts))
+            i += len(results)
+            buf = b"".join(parts)
+            del parts, results
+            await resp.write(buf)
+            del buf
         await resp.write_eof()
+        state.served(sent)
         return resp
 
     async def blob(request: web.Request) -> web.StreamResponse:
@@ -235,7 +341,7 @@ def build_app(state: ServerState) -> web.Application:
                 raise ValueError
         except ValueError:
             return _error(400, "blob id must be 64 hex digits")
-        status, e, fd = await asyncio.get_running_loop().run_in_executor(None, state.open_blob, digest)
+        status, e, fd = await asyncio.get_running_loop().run_in_executor(state.read_pool, state.open_blob, digest)
         if status == GONE:
             return _error(404, f"blob {digest.hex()[:12]}… is not in the manifest (superseded)")
         if status == CHANGED or fd is None or e is None:
@@ -264,8 +370,19 @@ def build_app(state: ServerState) -> web.Application:
             await resp.prepare(request)
             loop = asyncio.get_running_loop()
             pos = start
+            transport = request.transport
+            if transport is not None and end > start:
+                # Zero-copy: the kernel sends the file (as aiohttp's FileResponse does after prepare()).
+                with open(fd, "rb", closefd=False) as fobj:
+                    try:
+                        await loop.sendfile(transport, fobj, start, end - start)
+                        pos = end
+                    except NotImplementedError:
+                        pass
+                if f is not None:
+                    f.bytes_sent += pos - start
             while pos < end:
-                chunk = await loop.run_in_executor(None, os.pread, fd, min(1 << 20, end - pos), pos)
+                chunk = await loop.run_in_executor(state.read_pool, os.pread, fd, min(1 << 20, end - pos), pos)
                 if not chunk:
                     break
                 await resp.write(chunk)
