@@ -8,7 +8,8 @@ import os
 import random
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,22 +17,22 @@ import aiohttp
 
 from fleetsync import paths
 from fleetsync.entry import DELETE, DIR, FILE, LINK, MOVE, PUT, Entry, Record
-from fleetsync.errors import FleetsyncError, IntegrityError, ResyncNeeded, UnsafePath
-from fleetsync.hashing import hash_bytes
+from fleetsync.errors import FleetsyncError, ResyncNeeded, UnsafePath
 from fleetsync.journal.sqlite import SnapshotStage, SqliteJournal
 from fleetsync.replica.fsops import ConfinedRoot
+from fleetsync.replica.pipeline import BlobPipeline, RetryLater
 from fleetsync.transport.client import BlobChanged, BlobGone, UpstreamClient
-from fleetsync.transport.wire import BATCH_BLOB_MAX, CHANGED, GONE, OK, TOO_LARGE
+from fleetsync.transport.wire import BATCH_BLOB_MAX, GONE, OK
 
 log = logging.getLogger("fleetsync.replica")
 
-#: Upper bound of small-blob bytes held in memory for one applied batch.
+#: Upper bound of small-blob bytes in one applied batch (streamed to disk, not held in memory).
 BATCH_BYTES = 64 << 20
 FEED_LIMIT = 5000
-
-
-class RetryLater(FleetsyncError):
-    """A transient condition (content changing at the source); retry the batch after a pause."""
+#: Threads writing fetched blobs to temp files; 0 = write each blob on the event loop as it arrives.
+WRITERS = int(os.environ.get("FLEETSYNC_WRITERS", "0"))
+#: Bootstrap batches fetched and written concurrently.
+BOOTSTRAP_CONCURRENCY = 2
 
 
 @dataclass
@@ -49,19 +50,49 @@ class Stats:
 @dataclass
 class _Plan:
     skip: set[int] = field(default_factory=set)
-    blobs: dict[bytes, bytes] = field(default_factory=dict)
     gone: set[bytes] = field(default_factory=set)
     local: dict[bytes, bytes] = field(default_factory=dict)
+
+
+class _Concurrent:
+    """At most `limit` coroutines running at once; the first failure is raised by add() or drain()."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.tasks: list[asyncio.Task[None]] = []
+
+    async def add(self, coro: Awaitable[None]) -> None:
+        """Start coro, after waiting for the oldest running one if the limit is reached."""
+        while len(self.tasks) >= self.limit:
+            await self.tasks.pop(0)
+        self.tasks.append(asyncio.ensure_future(coro))
+
+    async def drain(self) -> None:
+        """Wait for every started coroutine, in start order."""
+        while self.tasks:
+            await self.tasks.pop(0)
+
+    async def cancel(self) -> None:
+        """Cancel what is still running and wait for it to end."""
+        for t in self.tasks:
+            t.cancel()
+        for t in self.tasks:
+            try:
+                await t
+            except BaseException:  # noqa: BLE001 - the first error was already raised
+                pass
+        self.tasks.clear()
 
 
 class Replica:
     """Follows one upstream and keeps `root` equal to it."""
 
     def __init__(self, root: str, state_dir: str, upstream: str, replica_id: str, *,
-                 token: str | None = None, poll_wait: float = 20.0) -> None:
+                 token: str | None = None, poll_wait: float = 20.0, bwlimit: float | None = None) -> None:
         self.fs = ConfinedRoot(root)
         self.journal = SqliteJournal(os.path.join(state_dir, "replica.db"), durable=False)
-        self.client = UpstreamClient(upstream, replica_id=replica_id, token=token)
+        self.client = UpstreamClient(upstream, replica_id=replica_id, token=token, bwlimit=bwlimit)
+        self._pool = ThreadPoolExecutor(max_workers=WRITERS, thread_name_prefix="fleetsync-write") if WRITERS else None
         self.upstream = upstream
         self.id = replica_id
         self.poll_wait = poll_wait
@@ -81,6 +112,8 @@ class Replica:
     async def close(self) -> None:
         """Release resources."""
         await self.client.close()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
         self.journal.close()
         self.fs.close()
 
@@ -153,24 +186,12 @@ class Replica:
         stage.add(buf)
         n += len(buf)
         fresh = bootstrap and self.journal.empty()
-        pending: list[tuple[bytes, Entry]] = []
-        pending_bytes = 0
-        for p, e in stage.iter():
-            if not fresh and stage.unchanged(p, e) and self._looks_applied(p, e):
-                continue
-            if e.kind == FILE:
-                if self._settle_local_file(p, e):
-                    continue
-                pending.append((p, e))
-                pending_bytes += min(e.size, BATCH_BLOB_MAX)
-                if pending_bytes >= BATCH_BYTES or len(pending) >= 5000:
-                    await self._fetch_and_write(pending)
-                    pending, pending_bytes = [], 0
-            elif e.kind == DIR:
-                self.fs.put_dir(p, e)
-            else:
-                self.fs.put_link(p, e)
-        await self._fetch_and_write(pending)
+        batches = _Concurrent(BOOTSTRAP_CONCURRENCY)
+        try:
+            await self._resync_walk(stage, fresh, batches)
+            await batches.drain()
+        finally:
+            await batches.cancel()
         # Deletions last, after the new content is in place.
         if fresh:
             extras = [p for p, _ in self.fs.walk() if not paths.IgnoreRules(()).ignored(p) and not stage.contains(p)]
@@ -183,6 +204,27 @@ class Replica:
         stage.install(seq, jid)
         self.stats.bootstraps += 1
         log.info("synchronized with %s at seq %d (%d entries)", self.upstream, seq, n)
+
+    async def _resync_walk(self, stage: SnapshotStage, fresh: bool, batches: "_Concurrent") -> None:
+        """Put every staged entry in place; file content is fetched in concurrent batches."""
+        pending: list[tuple[bytes, Entry]] = []
+        pending_bytes = 0
+        for p, e in stage.iter():
+            if not fresh and stage.unchanged(p, e) and self._looks_applied(p, e):
+                continue
+            if e.kind == FILE:
+                if self._settle_local_file(p, e):
+                    continue
+                pending.append((p, e))
+                pending_bytes += min(e.size, BATCH_BLOB_MAX)
+                if pending_bytes >= BATCH_BYTES or len(pending) >= 5000:
+                    await batches.add(self._fetch_and_write(pending))
+                    pending, pending_bytes = [], 0
+            elif e.kind == DIR:
+                self.fs.put_dir(p, e)
+            else:
+                self.fs.put_link(p, e)
+        await batches.add(self._fetch_and_write(pending))
 
     def _looks_applied(self, p: bytes, e: Entry) -> bool:
         st = self.fs.lstat(p)
@@ -207,66 +249,60 @@ class Replica:
                 return True
         return False
 
+    def _pipeline(self) -> BlobPipeline:
+        return BlobPipeline(self.fs, self.client, self._pool, self.upstream, self._count_fetched)
+
+    def _count_fetched(self, n: int) -> None:
+        self.stats.bytes_fetched += n
+
     async def _fetch_and_write(self, items: list[tuple[bytes, Entry]]) -> None:
         """Fetch content for (path, entry) pairs and place it; gone content is skipped."""
         if not items:
             return
-        small = {e.hash: e for _, e in items if e.size <= BATCH_BLOB_MAX}
-        got: dict[bytes, bytes] = {}
-        gone: set[bytes] = set()
-        if small:
-            got, gone, large = await self._fetch_small(small)
-        else:
-            large = set()
-        for p, e in items:
-            if e.hash in got:
-                self.fs.write_file(p, got[e.hash], e)
-                self.stats.files_written += 1
-            elif e.hash in gone:
-                continue
-            else:
-                await self._fetch_large(p, e)
-
-    async def _fetch_small(self, want: dict[bytes, Entry]) -> tuple[dict[bytes, bytes], set[bytes], set[bytes]]:
-        got: dict[bytes, bytes] = {}
-        gone: set[bytes] = set()
-        large: set[bytes] = set()
-        changed = 0
-        async for digest, status, data in self.client.blobs(list(want)):
-            if status == OK:
-                e = want[digest]
-                if len(data) != e.size or hash_bytes(data) != digest:
-                    raise IntegrityError(f"fetching blob {digest.hex()[:12]}… from {self.upstream}: hash mismatch")
-                got[digest] = data
-                self.stats.bytes_fetched += len(data)
-            elif status == GONE:
-                gone.add(digest)
-            elif status == TOO_LARGE:
-                large.add(digest)
-            elif status == CHANGED:
-                changed += 1
-        if changed:
-            raise RetryLater(f"{changed} blob(s) changed at {self.upstream} since they were recorded; retrying")
-        return got, gone, large
+        pipe = self._pipeline()
+        for i, (_, e) in enumerate(items):
+            if e.size <= BATCH_BLOB_MAX:
+                assert e.hash is not None
+                pipe.want(e.hash, e, i, items[i][0])
+        pipe.start()
+        ok = False
+        try:
+            for i, (p, e) in enumerate(items):
+                assert e.hash is not None
+                st = await pipe.place(e.hash, i, p, e)
+                pipe.passed(i)
+                if st == OK:
+                    self.stats.files_written += 1
+                elif st != GONE:
+                    await self._fetch_large(p, e)
+            ok = True
+        finally:
+            await pipe.close(ok)
 
     async def _fetch_large(self, p: bytes, e: Entry) -> bool:
-        """Stream one blob into a temp file next to p and rename it in; False if gone upstream."""
+        """Stream one blob into a temp file in the root and link it in at p; False if gone upstream.
+
+        The temp file lives in the root directory, so no cached directory descriptor is held
+        across the transfer (a concurrent delete or move may drop them).
+        """
         assert e.hash is not None
-        dfd, tmp, fd = self.fs.open_temp(p)
+        fd, tmp = self.fs.open_root_temp()
         try:
             before = self.client.bytes_received
             await self.client.blob_to_fd(e.hash, e.size, fd)
             self.stats.bytes_fetched += self.client.bytes_received - before
+            os.fchmod(fd, e.mode)
+            os.utime(fd, ns=(e.mtime_ns, e.mtime_ns))
         except BlobGone:
-            self.fs.abort_temp(dfd, tmp, fd)
+            self.fs.abort_temp(self.fs.fd, tmp, fd)
             return False
         except BlobChanged as err:
-            self.fs.abort_temp(dfd, tmp, fd)
+            self.fs.abort_temp(self.fs.fd, tmp, fd)
             raise RetryLater(str(err)) from err
         except BaseException:
-            self.fs.abort_temp(dfd, tmp, fd)
+            self.fs.abort_temp(self.fs.fd, tmp, fd)
             raise
-        self.fs.commit_temp(p, dfd, tmp, fd, e)
+        self.fs.link_root_temp(p, fd, tmp)
         self.stats.files_written += 1
         return True
 
@@ -324,27 +360,35 @@ class Replica:
         """Apply a prefix of records durably; returns how many were applied."""
         recs = self._cut(records)
         if self._sweep:
-            for d in {paths.parent(p) for r in recs for p in (r.path, r.old_path) if p}:
+            # Named temps (filesystems without O_TMPFILE) are written in the root, then renamed.
+            for d in {b""} | {paths.parent(p) for r in recs for p in (r.path, r.old_path) if p}:
                 self.fs.sweep_temps(d)
             self._sweep = False
         self.journal.set_meta("inflight", f"{recs[0].seq}-{recs[-1].seq}")
         plan = self._plan(recs)
-        want = {}
+        pipe = self._pipeline()
         for i, r in enumerate(recs):
             e = r.entry
             if (i not in plan.skip and e is not None and e.kind == FILE and e.hash not in plan.local
                     and e.size <= BATCH_BLOB_MAX and not self._unchanged_on_disk(r)):
-                want[e.hash] = e
-        if want:
-            plan.blobs, plan.gone, _ = await self._fetch_small(want)
+                assert e.hash is not None
+                pipe.want(e.hash, e, i, r.path)
+        # Content streams in and is written by worker threads while records are applied in order.
+        pipe.start()
         moved = False
-        for i, r in enumerate(recs):
-            if i in plan.skip:
-                continue
-            try:
-                moved |= await self._apply_one(r, plan, moved)
-            except UnsafePath as e:
-                raise FleetsyncError(f"applying record {r.seq} ({r.op} {r.path[:80]!r}): {e}") from e
+        ok = False
+        try:
+            for i, r in enumerate(recs):
+                if i in plan.skip:
+                    continue
+                try:
+                    moved |= await self._apply_one(r, plan, moved, pipe, i)
+                except UnsafePath as e:
+                    raise FleetsyncError(f"applying record {r.seq} ({r.op} {r.path[:80]!r}): {e}") from e
+                pipe.passed(i)
+            ok = True
+        finally:
+            await pipe.close(ok)
         self.fs.sync()
         self.journal.apply_records(recs)
         self.journal.db.execute("DELETE FROM meta WHERE key='inflight'")
@@ -364,7 +408,7 @@ class Replica:
         st = self.fs.lstat(r.path)
         return bool(st and stat.S_ISREG(st.st_mode) and st.st_size == m.size and st.st_mtime_ns == m.mtime_ns)
 
-    async def _apply_one(self, r: Record, plan: _Plan, moved: bool) -> bool:
+    async def _apply_one(self, r: Record, plan: _Plan, moved: bool, pipe: BlobPipeline, i: int) -> bool:
         """Apply one record; returns True if it moved something (manifest shortcuts no longer hold)."""
         e = r.entry
         if r.op == DELETE:
@@ -384,13 +428,13 @@ class Replica:
                 return True
             if e.kind == DIR:
                 raise ResyncNeeded(f"move {r.old_path[:80]!r} -> {r.path[:80]!r}: source directory missing")
-            await self._put(r.path, e, plan, moved)
+            await self._put(r.path, e, plan, moved, pipe, i)
             return True
         assert e is not None
-        await self._put(r.path, e, plan, moved)
+        await self._put(r.path, e, plan, moved, pipe, i)
         return False
 
-    async def _put(self, p: bytes, e: Entry, plan: _Plan, moved: bool) -> None:
+    async def _put(self, p: bytes, e: Entry, plan: _Plan, moved: bool, pipe: BlobPipeline, i: int) -> None:
         if e.kind == DIR:
             self.fs.put_dir(p, e)
             return
@@ -408,10 +452,12 @@ class Replica:
             self.fs.set_attrs(p, e)
             self.stats.files_reused += 1
             return
-        data = plan.blobs.get(e.hash)
-        if data is not None:
-            self.fs.write_file(p, data, e)
+        st = await pipe.place(e.hash, i, p, e)
+        if st == OK:
             self.stats.files_written += 1
+            return
+        if st == GONE:
+            plan.gone.add(e.hash)
             return
         if src is not None and self.fs.copy_file(src, p, e):
             self.stats.files_reused += 1

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -27,11 +29,31 @@ class FeedPage:
     records: list[Record]
 
 
+class TokenBucket:
+    """Limits an average byte rate: consume(n) sleeps while more was taken than the rate allows."""
+
+    def __init__(self, rate: float, burst: float | None = None) -> None:
+        if rate <= 0:
+            raise ValueError(f"bandwidth limit must be positive, got {rate}")
+        self.rate = float(rate)
+        self.capacity = float(burst if burst is not None else min(max(rate / 8, 16 << 10), 1 << 20))
+        self.tokens = self.capacity
+        self.stamp = time.monotonic()
+
+    async def consume(self, n: int) -> None:
+        """Take n bytes; sleep until the bucket is no longer in debt."""
+        now = time.monotonic()
+        self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate) - n
+        self.stamp = now
+        if self.tokens < 0:
+            await asyncio.sleep(-self.tokens / self.rate)
+
+
 class UpstreamClient:
-    """Talks to one upstream over HTTP; counts payload bytes received."""
+    """Talks to one upstream over HTTP; counts payload bytes received; optionally limits content bandwidth."""
 
     def __init__(self, base_url: str, *, replica_id: str = "", token: str | None = None,
-                 timeout: float = 60.0) -> None:
+                 timeout: float = 60.0, bwlimit: float | None = None) -> None:
         self.base = base_url.rstrip("/")
         self.replica_id = replica_id
         headers = {"X-Fleetsync-Replica": replica_id}
@@ -43,6 +65,8 @@ class UpstreamClient:
             auto_decompress=False,
         )
         self.bytes_received = 0
+        self._bucket = TokenBucket(bwlimit) if bwlimit else None
+        self._chunk = min(1 << 20, max(int(bwlimit / 16), 16 << 10)) if bwlimit else 1 << 20
 
     async def close(self) -> None:
         """Close connections."""
@@ -107,9 +131,24 @@ class UpstreamClient:
                     if digest != want:
                         raise FleetsyncError(f"{self._where('blob batch')}: frame for {digest.hex()[:12]}… "
                                              f"where {want.hex()[:12]}… was expected")
-                    data = await resp.content.readexactly(length) if length else b""
+                    if self._bucket is not None:
+                        data = await self._read_limited(resp, length)
+                    else:
+                        data = await resp.content.readexactly(length) if length else b""
                     self.bytes_received += length
                     yield digest, status, data
+
+    async def _read_limited(self, resp: aiohttp.ClientResponse, length: int) -> bytes:
+        """readexactly(length) in pieces, each paid for in the token bucket."""
+        assert self._bucket is not None
+        parts = []
+        left = length
+        while left:
+            part = await resp.content.readexactly(min(left, self._chunk))
+            parts.append(part)
+            left -= len(part)
+            await self._bucket.consume(len(part))
+        return b"".join(parts)
 
     async def blob_to_fd(self, digest: bytes, size: int, fd: int) -> None:
         """Stream one large blob into fd (resuming with Range from the fd's size) and verify its hash."""
@@ -131,10 +170,12 @@ class UpstreamClient:
                 os.ftruncate(fd, 0)
                 os.lseek(fd, 0, os.SEEK_SET)
                 h = new_hasher()
-            async for chunk in resp.content.iter_chunked(1 << 20):
+            async for chunk in resp.content.iter_chunked(self._chunk):
                 h.update(chunk)
                 os.write(fd, chunk)
                 self.bytes_received += len(chunk)
+                if self._bucket is not None:
+                    await self._bucket.consume(len(chunk))
         if os.lseek(fd, 0, os.SEEK_CUR) != size or h.digest() != digest:
             raise IntegrityError(f"fetching blob {digest.hex()[:12]}… from {self.base}: hash mismatch")
 
@@ -173,4 +214,4 @@ class BlobChanged(FleetsyncError):
     """The upstream's file changed since it was recorded; retry later."""
 
 
-__all__ = ["UpstreamClient", "FeedPage", "BlobGone", "BlobChanged", "OK", "STATUS_NAMES"]
+__all__ = ["UpstreamClient", "TokenBucket", "FeedPage", "BlobGone", "BlobChanged", "OK", "STATUS_NAMES"]
