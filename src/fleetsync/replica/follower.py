@@ -21,6 +21,8 @@ from fleetsync.errors import FleetsyncError, ResyncNeeded, UnsafePath
 from fleetsync.journal.sqlite import SnapshotStage, SqliteJournal
 from fleetsync.replica.fsops import ConfinedRoot
 from fleetsync.replica.pipeline import BlobPipeline, RetryLater
+from fleetsync.transport import chunks
+from fleetsync.transport import compress as zstd_stream
 from fleetsync.transport.client import BlobChanged, BlobGone, UpstreamClient
 from fleetsync.transport.wire import BATCH_BLOB_MAX, GONE, OK
 
@@ -88,10 +90,13 @@ class Replica:
     """Follows one upstream and keeps `root` equal to it."""
 
     def __init__(self, root: str, state_dir: str, upstream: str, replica_id: str, *,
-                 token: str | None = None, poll_wait: float = 20.0, bwlimit: float | None = None) -> None:
+                 token: str | None = None, poll_wait: float = 20.0, bwlimit: float | None = None,
+                 compress: str = "auto") -> None:
         self.fs = ConfinedRoot(root)
         self.journal = SqliteJournal(os.path.join(state_dir, "replica.db"), durable=False)
-        self.client = UpstreamClient(upstream, replica_id=replica_id, token=token, bwlimit=bwlimit)
+        self.client = UpstreamClient(upstream, replica_id=replica_id, token=token, bwlimit=bwlimit,
+                                     compress=zstd_stream.resolve(compress, upstream))
+        log.info(zstd_stream.describe(self.client.compress, upstream, compress))
         self._pool = ThreadPoolExecutor(max_workers=WRITERS, thread_name_prefix="fleetsync-write") if WRITERS else None
         self.upstream = upstream
         self.id = replica_id
@@ -289,7 +294,8 @@ class Replica:
         fd, tmp = self.fs.open_root_temp()
         try:
             before = self.client.bytes_received
-            await self.client.blob_to_fd(e.hash, e.size, fd)
+            if not await chunks.try_delta(self.client, self.fs, p, e, fd):
+                await self.client.blob_to_fd(e.hash, e.size, fd)
             self.stats.bytes_fetched += self.client.bytes_received - before
             os.fchmod(fd, e.mode)
             os.utime(fd, ns=(e.mtime_ns, e.mtime_ns))

@@ -16,6 +16,7 @@ from fleetsync import paths
 from fleetsync.entry import Entry, Record
 from fleetsync.errors import FleetsyncError, IntegrityError, ResyncNeeded
 from fleetsync.hashing import new_hasher
+from fleetsync.transport.compress import DecodingReader, request_headers
 from fleetsync.transport.wire import API, BATCH_MAX_HASHES, HEADER, OK, STATUS_NAMES
 
 
@@ -53,7 +54,7 @@ class UpstreamClient:
     """Talks to one upstream over HTTP; counts payload bytes received; optionally limits content bandwidth."""
 
     def __init__(self, base_url: str, *, replica_id: str = "", token: str | None = None,
-                 timeout: float = 60.0, bwlimit: float | None = None) -> None:
+                 timeout: float = 60.0, bwlimit: float | None = None, compress: bool = False) -> None:
         self.base = base_url.rstrip("/")
         self.replica_id = replica_id
         headers = {"X-Fleetsync-Replica": replica_id}
@@ -65,8 +66,20 @@ class UpstreamClient:
             auto_decompress=False,
         )
         self.bytes_received = 0
+        self.compress = compress
         self._bucket = TokenBucket(bwlimit) if bwlimit else None
         self._chunk = min(1 << 20, max(int(bwlimit / 16), 16 << 10)) if bwlimit else 1 << 20
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        """The HTTP session (for chunk-level transfers, transport/chunks.py)."""
+        return self._session
+
+    async def account(self, n: int) -> None:
+        """Count n content bytes received outside this class, paying the bandwidth limit."""
+        self.bytes_received += n
+        if self._bucket is not None:
+            await self._bucket.consume(n)
 
     async def close(self) -> None:
         """Close connections."""
@@ -123,28 +136,30 @@ class UpstreamClient:
             chunk = digests[i:i + BATCH_MAX_HASHES]
             body = json.dumps({"hashes": [d.hex() for d in chunk]})
             async with self._session.post(self.base + API + "/blobs", data=body,
-                                          headers={"Content-Type": "application/json"}) as resp:
+                                          headers={"Content-Type": "application/json",
+                                                   **request_headers(self.compress)}) as resp:
                 await self._check(resp, f"blob batch of {len(chunk)}")
+                reader = DecodingReader(resp, self._where("blob batch"))
                 for want in chunk:
-                    hdr = await resp.content.readexactly(HEADER.size)
+                    hdr = await reader.readexactly(HEADER.size)
                     digest, status, length = HEADER.unpack(hdr)
                     if digest != want:
                         raise FleetsyncError(f"{self._where('blob batch')}: frame for {digest.hex()[:12]}… "
                                              f"where {want.hex()[:12]}… was expected")
                     if self._bucket is not None:
-                        data = await self._read_limited(resp, length)
+                        data = await self._read_limited(reader, length)
                     else:
-                        data = await resp.content.readexactly(length) if length else b""
+                        data = await reader.readexactly(length) if length else b""
                     self.bytes_received += length
                     yield digest, status, data
 
-    async def _read_limited(self, resp: aiohttp.ClientResponse, length: int) -> bytes:
+    async def _read_limited(self, reader: DecodingReader, length: int) -> bytes:
         """readexactly(length) in pieces, each paid for in the token bucket."""
         assert self._bucket is not None
         parts = []
         left = length
         while left:
-            part = await resp.content.readexactly(min(left, self._chunk))
+            part = await reader.readexactly(min(left, self._chunk))
             parts.append(part)
             left -= len(part)
             await self._bucket.consume(len(part))

@@ -30,6 +30,7 @@ from fleetsync.errors import UnsafePath
 from fleetsync.hashing import hash_bytes
 from fleetsync.journal.sqlite import SqliteJournal
 from fleetsync.replica.fsops import CachedReader
+from fleetsync.transport import chunks, compress
 from fleetsync.transport.wire import API, BATCH_BLOB_MAX, BATCH_MAX_HASHES, CHANGED, GONE, OK, TOO_LARGE, frame_header
 
 log = logging.getLogger("fleetsync.server")
@@ -310,7 +311,8 @@ def build_app(state: ServerState) -> web.Application:
             return _error(400, f"at most {BATCH_MAX_HASHES} hashes of 32 bytes each")
         rid = request.headers.get("X-Fleetsync-Replica")
         f = state.follower(rid[:200]) if rid else None
-        resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+        enc = compress.StreamEncoder(request)
+        resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream", **enc.headers()})
         await resp.prepare(request)
         loop = asyncio.get_running_loop()
         i = 0
@@ -323,14 +325,18 @@ def build_app(state: ServerState) -> web.Application:
                 parts.append(frame_header(d, st, len(data)))
                 parts.append(data)
                 sent += len(data)
-                if f is not None:
+                if f is not None and not enc.enabled:
                     f.bytes_sent += len(data)
             i += len(results)
             buf = b"".join(parts)
             del parts, results
-            await resp.write(buf)
+            wire = await enc.write(resp, buf)
+            if f is not None and enc.enabled:
+                f.bytes_sent += wire
             del buf
-        await resp.write_eof()
+        wire = await enc.finish(resp)
+        if f is not None and enc.enabled:
+            f.bytes_sent += wire
         state.served(sent)
         return resp
 
@@ -428,6 +434,7 @@ def build_app(state: ServerState) -> web.Application:
     app.router.add_get(API + "/blob/{digest}", blob)
     app.router.add_get(API + "/snapshot", snapshot)
     app.router.add_get(API + "/status", status)
+    app.router.add_routes(chunks.routes(state))
     app.router.add_routes(state.extra_routes)
     return app
 
