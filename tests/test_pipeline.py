@@ -30,8 +30,10 @@ class FakeClient:
         self.corrupt = corrupt or set()
         self.requested: list[bytes] = []
 
-    async def blobs(self, digests: list[bytes]) -> AsyncIterator[tuple[bytes, int, bytes]]:
+    async def blobs(self, digests: list[bytes], hints: list[bytes | None] | None = None
+                    ) -> AsyncIterator[tuple[bytes, int, bytes]]:
         self.requested = list(digests)
+        self.hints = list(hints) if hints is not None else None
         for d in digests:
             await asyncio.sleep(0)
             st = self.status.get(d, OK)

@@ -35,7 +35,7 @@ class Origin:
         if not os.path.isdir(root):
             raise SystemExit(f"fleetsync origin: root {root!r} is not a directory")
         self.root = os.path.abspath(root)
-        self.journal = SqliteJournal(os.path.join(state_dir, "origin.db"), durable=True)
+        self.journal = SqliteJournal(os.path.join(state_dir, "origin.db"), durable=True, content_index=False)
         rules = paths.IgnoreRules(tuple(ignore) if ignore is not None else paths.DEFAULT_IGNORE)
         self.indexer = Indexer(self.root, self.journal, settle=settle, ignore=rules, allow_empty=allow_empty,
                                on_commit=self._committed, scan_rate=reconcile_rate)

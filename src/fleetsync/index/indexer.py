@@ -76,6 +76,7 @@ class Indexer:
         self._root_id = (st.st_dev, st.st_ino)
         self._wake = asyncio.Event()
         self._shadow: dict[bytes, Entry | None] = {}
+        self._gone_by_ino: dict[int, bytes] = {}
         self._inflight = 0
         self._held: set[tuple[int, int]] | None = None
         self._held_at = -1.0
@@ -382,7 +383,7 @@ class Indexer:
             # Anything touched again while we were hashing is not settled: drop the result, keep the hint.
             self.drain()
             obs = [o for o in obs if o.path not in self.pending]
-            self._commit(self._changes(obs))
+            self._commit(self._changes(obs, known))
         except BaseException:
             for p in ready:  # nothing of this batch was committed: keep every hint
                 self.changed(p)
@@ -480,8 +481,17 @@ class Indexer:
                         o.unstable = True
         return out
 
-    def _changes(self, obs: list[_Obs]) -> list[Change]:
+    def _changes(self, obs: list[_Obs], known: dict[bytes, tuple[Entry, LocalStat | None]] | None = None
+                 ) -> list[Change]:
         changes: list[Change] = []
+        # Files of this batch that are gone from disk, by the inode they had: a new path in the
+        # same batch with that inode and content is the same file renamed (e.g. while the origin
+        # was down), shipped as a move.
+        self._gone_by_ino = {}
+        for o in obs:
+            row = (known or {}).get(o.path)
+            if o.st is None and not o.unstable and row is not None and row[0].kind == FILE and row[1] is not None:
+                self._gone_by_ino[row[1].ino] = o.path
         # Present paths first (so rename detection by inode sees the old path still in the manifest),
         # then deletions.
         known_dirs: set[bytes] = set()
@@ -561,20 +571,17 @@ class Indexer:
         return Entry(DIR, 0o755)
 
     def _renamed_from(self, o: _Obs) -> bytes | None:
-        """A manifest path that this new path is the same inode as, now gone from disk."""
+        """A path gone from disk in this batch that this new path is the same inode (and content) as."""
         assert o.st is not None and o.entry is not None
         if o.entry.kind != FILE:
             return None
-        for cand in self.j.paths_with_ino(o.st.st_ino):
-            if cand == o.path or cand in self._shadow:
-                continue
-            m = self.j.get(cand)
-            if m is None or m.kind != FILE or m.hash != o.entry.hash:
-                continue
-            st = self.fs.lstat(cand)
-            if st is None or st.st_ino != o.st.st_ino:
-                return cand
-        return None
+        cand = self._gone_by_ino.get(o.st.st_ino)
+        if cand is None or cand == o.path or cand in self._shadow:
+            return None
+        m = self.j.get(cand)
+        if m is None or m.kind != FILE or m.hash != o.entry.hash:
+            return None
+        return cand
 
 
 def _ancestors(path: bytes) -> list[bytes]:

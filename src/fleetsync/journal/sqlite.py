@@ -21,9 +21,10 @@ CREATE TABLE IF NOT EXISTS manifest (
     path BLOB PRIMARY KEY, kind TEXT NOT NULL, mode INTEGER NOT NULL, size INTEGER NOT NULL,
     mtime INTEGER NOT NULL, hash BLOB, target BLOB, ino INTEGER, ctime INTEGER, seq INTEGER NOT NULL
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS manifest_hash ON manifest(hash) WHERE hash IS NOT NULL;
-CREATE INDEX IF NOT EXISTS manifest_ino ON manifest(ino) WHERE ino IS NOT NULL;
 """
+#: Lookups by content hash (replicas: local reuse and serving relays; not kept on the origin, whose
+#: blob requests name the path) and by origin inode (no longer used; dropped where found).
+CONTENT_INDEX = "CREATE INDEX IF NOT EXISTS manifest_hash ON manifest(hash) WHERE hash IS NOT NULL"
 
 _ENTRY_COLS = "kind, mode, size, mtime, hash, target"
 
@@ -60,7 +61,13 @@ class Change:
 class SqliteJournal:
     """Journal + manifest in one SQLite database in WAL mode."""
 
-    def __init__(self, db_path: str, *, durable: bool = True) -> None:
+    def __init__(self, db_path: str, *, durable: bool = True, content_index: bool | None = None) -> None:
+        """Open (or create) the database.
+
+        content_index: keep the manifest's hash index (True), drop it (False: the origin, where
+        every change would otherwise touch a random page of it), or keep what the database has
+        (None: other connections to the same database).
+        """
         os.makedirs(os.path.dirname(os.path.abspath(db_path)), exist_ok=True)
         self.db_path = db_path
         self.db = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False)
@@ -69,6 +76,12 @@ class SqliteJournal:
         self.db.execute("PRAGMA cache_size=-20000")
         self.db.executescript(SCHEMA)
         self._lock = threading.RLock()
+        if content_index is not None or self.meta("content_index") is None:
+            want = content_index is not False
+            self.db.execute("DROP INDEX IF EXISTS manifest_ino")
+            self.db.execute(CONTENT_INDEX if want else "DROP INDEX IF EXISTS manifest_hash")
+            self.set_meta("content_index", "1" if want else "0")
+        self.has_content_index: bool = self.meta("content_index") == "1"
         jid = self.meta("journal_id")
         if jid is None:
             jid = uuid.uuid4().hex
@@ -161,12 +174,10 @@ class SqliteJournal:
         ).fetchall()
         return [(r[0], _entry(r[1:])) for r in rows]
 
-    def paths_with_ino(self, ino: int) -> list[bytes]:
-        """Origin: manifest paths last seen with this inode number (rename detection)."""
-        return [r[0] for r in self.db.execute("SELECT path FROM manifest WHERE ino=? LIMIT 4", (ino,))]
-
     def paths_with_hash(self, digest: bytes, limit: int = 4) -> list[bytes]:
-        """Paths whose content has this hash."""
+        """Paths whose content has this hash ([] without the hash index: never a full scan)."""
+        if not self.has_content_index:
+            return []
         rows = self.db.execute("SELECT path FROM manifest WHERE hash=? LIMIT ?", (digest, limit))
         return [r[0] for r in rows]
 

@@ -52,7 +52,8 @@ class Stats:
 @dataclass
 class _Plan:
     skip: set[int] = field(default_factory=set)
-    gone: set[bytes] = field(default_factory=set)
+    #: (hash, path) pairs the upstream no longer has at that path: a later record supersedes them.
+    gone: set[tuple[bytes, bytes]] = field(default_factory=set)
     local: dict[bytes, bytes] = field(default_factory=dict)
 
 
@@ -278,7 +279,8 @@ class Replica:
                 pipe.passed(i)
                 if st == OK:
                     self.stats.files_written += 1
-                elif st != GONE:
+                elif st != GONE or pipe.hint_of(e.hash) != p:
+                    # Not streamed, or gone where it was asked for but maybe still here.
                     await self._fetch_large(p, e)
             ok = True
         finally:
@@ -295,7 +297,7 @@ class Replica:
         try:
             before = self.client.bytes_received
             if not await chunks.try_delta(self.client, self.fs, p, e, fd):
-                await self.client.blob_to_fd(e.hash, e.size, fd)
+                await self.client.blob_to_fd(e.hash, e.size, fd, hint=p)
             self.stats.bytes_fetched += self.client.bytes_received - before
             os.fchmod(fd, e.mode)
             os.utime(fd, ns=(e.mtime_ns, e.mtime_ns))
@@ -448,7 +450,7 @@ class Replica:
             self.fs.put_link(p, e)
             return
         assert e.hash is not None
-        if e.hash in plan.gone:
+        if (e.hash, p) in plan.gone:
             return
         if not moved and self._unchanged_on_disk(Record(0, PUT, p, e)):
             self.fs.set_attrs(p, e)
@@ -462,11 +464,11 @@ class Replica:
         if st == OK:
             self.stats.files_written += 1
             return
-        if st == GONE:
-            plan.gone.add(e.hash)
+        if st == GONE and pipe.hint_of(e.hash) == p:
+            plan.gone.add((e.hash, p))
             return
         if src is not None and self.fs.copy_file(src, p, e):
             self.stats.files_reused += 1
             return
         if not await self._fetch_large(p, e):
-            plan.gone.add(e.hash)
+            plan.gone.add((e.hash, p))

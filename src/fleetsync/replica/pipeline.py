@@ -52,6 +52,7 @@ class _Want:
     expired: bool = False
     users: set[int] = field(default_factory=set)
     near: bytes | None = None
+    hint: bytes | None = None
 
 
 class BlobPipeline:
@@ -80,12 +81,18 @@ class BlobPipeline:
             fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
             w = self.wants[digest] = _Want(digest, e, index, False, fut)
             w.near = paths.parent(path) if path else None
+            w.hint = path
         else:
             w.multi = True
             self._expire[w.last].remove(w)
             w.last = index
         w.users.add(index)
         self._expire.setdefault(index, []).append(w)
+
+    def hint_of(self, digest: bytes) -> bytes | None:
+        """The path the blob was requested at (GONE means: not there any more, maybe elsewhere)."""
+        w = self.wants.get(digest)
+        return w.hint if w is not None else None
 
     def __contains__(self, digest: object) -> bool:
         return digest in self.wants
@@ -116,7 +123,8 @@ class BlobPipeline:
 
     async def _fetch(self) -> None:
         try:
-            async for digest, status, data in self.client.blobs(list(self.wants)):
+            async for digest, status, data in self.client.blobs(list(self.wants),
+                                                                [w.hint for w in self.wants.values()]):
                 w = self.wants[digest]
                 if status != OK:
                     w.outcome.set_result(status)

@@ -27,6 +27,7 @@ import aiohttp
 from aiohttp import web
 from pyfastcdc import FastCDC
 
+from fleetsync import paths
 from fleetsync.errors import FleetsyncError
 from fleetsync.hashing import hash_bytes, new_hasher
 from fleetsync.transport.wire import API, CHANGED, GONE
@@ -174,9 +175,9 @@ class ChunkService:
             _, old = self._cache.popitem(last=False)
             self._cached -= len(old)
 
-    def _compute(self, digest: bytes) -> tuple[int, bytes]:
+    def _compute(self, digest: bytes, hint: bytes | None = None) -> tuple[int, bytes]:
         """(status, encoded chunk list) read from the tree; runs in a worker thread."""
-        status, e, fd = self.state.open_blob(digest)
+        status, e, fd = self.state.open_blob(digest, hint)
         if fd is None or e is None:
             return status, b""
         try:
@@ -190,7 +191,7 @@ class ChunkService:
         self.computed += 1
         return 0, cl.encode()
 
-    async def get(self, digest: bytes) -> tuple[int, bytes]:
+    async def get(self, digest: bytes, hint: bytes | None = None) -> tuple[int, bytes]:
         """(status, encoded chunk list); concurrent requests for one blob share one computation."""
         body = self._cache.get(digest)
         if body is not None:
@@ -203,7 +204,7 @@ class ChunkService:
         fut = loop.create_future()
         self._inflight[digest] = fut
         try:
-            status, body = await loop.run_in_executor(None, self._compute, digest)
+            status, body = await loop.run_in_executor(None, self._compute, digest, hint)
         except BaseException as err:
             fut.set_exception(DeltaUnavailable(f"blob {digest.hex()[:12]}…: {type(err).__name__}: {err}"))
             fut.exception()  # retrieved: waiters (if any) see it, nobody else must
@@ -226,8 +227,13 @@ class ChunkService:
                 raise ValueError
         except ValueError:
             return web.json_response({"error": "blob id must be 64 hex digits"}, status=400)
+        raw = request.query.get("path")
         try:
-            status, body = await self.get(digest)
+            hint = paths.decode_checked(raw) if raw is not None else None
+        except FleetsyncError as e:
+            return web.json_response({"error": f"path: {e}"}, status=400)
+        try:
+            status, body = await self.get(digest, hint)
         except DeltaUnavailable as e:
             return web.json_response({"error": f"chunk list of {digest.hex()[:12]}… unavailable: {e}"}, status=409)
         if status == GONE:
@@ -249,6 +255,11 @@ def routes(state: Any, params: ChunkerParams = DEFAULT_PARAMS) -> list[web.Route
 
 
 # -- replica side ---------------------------------------------------------------------------------
+def _hint_params(hint: bytes | None) -> dict[str, str]:
+    """Query parameters naming where the content is expected upstream (the origin finds blobs by path)."""
+    return {"path": paths.encode(hint)} if hint else {}
+
+
 @dataclass(slots=True)
 class DeltaPlan:
     """How to build the new file: local copies (src_off, dst_off, length) and missing chunk spans."""
@@ -385,10 +396,11 @@ def _hash_result(fd: int, size: int) -> bytes:
         os.close(rfd)
 
 
-async def fetch_chunk_list(session: aiohttp.ClientSession, base: str, digest: bytes) -> bytes:
+async def fetch_chunk_list(session: aiohttp.ClientSession, base: str, digest: bytes,
+                           hint: bytes | None = None) -> bytes:
     """GET /v1/chunks/<hex>: the encoded chunk list (DeltaUnavailable on any non-200)."""
     url = f"{base}{API}/chunks/{digest.hex()}"
-    async with session.get(url) as resp:
+    async with session.get(url, params=_hint_params(hint)) as resp:
         if resp.status != 200:
             body = (await resp.text())[:200]
             raise DeltaUnavailable(f"fetching chunks of {digest.hex()[:12]}… from {base}: HTTP {resp.status}: {body}")
@@ -397,7 +409,8 @@ async def fetch_chunk_list(session: aiohttp.ClientSession, base: str, digest: by
 
 async def fetch_delta(session: aiohttp.ClientSession, base: str, digest: bytes, size: int, src_fd: int,
                       out_fd: int, *, executor: Executor | None = None,
-                      on_bytes: Callable[[int], Awaitable[None]] | None = None) -> DeltaResult:
+                      on_bytes: Callable[[int], Awaitable[None]] | None = None,
+                      hint: bytes | None = None) -> DeltaResult:
     """Build the blob `digest` of `size` bytes in out_fd from the local file src_fd plus fetched ranges.
 
     out_fd must be an empty, writable file; on success it holds exactly the verified content. Raises
@@ -408,7 +421,7 @@ async def fetch_delta(session: aiohttp.ClientSession, base: str, digest: bytes, 
     # The upstream chunks its copy while we chunk ours.
     local_fut = loop.run_in_executor(executor, chunk_fd, src_fd, DEFAULT_PARAMS)
     try:
-        raw = await fetch_chunk_list(session, base, digest)
+        raw = await fetch_chunk_list(session, base, digest, hint)
     except (aiohttp.ClientError, asyncio.TimeoutError) as e:
         await asyncio.gather(local_fut, return_exceptions=True)
         raise DeltaUnavailable(f"{where}: {type(e).__name__}: {e}") from e
@@ -438,7 +451,8 @@ async def fetch_delta(session: aiohttp.ClientSession, base: str, digest: bytes, 
         start, end = offs[a], offs[b]
         async with sem:
             headers = {"Range": f"bytes={start}-{end - 1}"}
-            async with session.get(f"{base}{API}/blob/{digest.hex()}", headers=headers) as resp:
+            async with session.get(f"{base}{API}/blob/{digest.hex()}", headers=headers,
+                                   params=_hint_params(hint)) as resp:
                 if resp.status != 206 and not (resp.status == 200 and (start, end) == (0, size)):
                     body = (await resp.text())[:200]
                     raise DeltaUnavailable(f"{where}: range {start}-{end - 1}: HTTP {resp.status}: {body}")
@@ -505,7 +519,7 @@ async def try_delta(client: Any, fs: Any, path: bytes, e: Any, out_fd: int,
         return False
     try:
         res = await fetch_delta(client.session, client.base, e.hash, e.size, src, out_fd,
-                                executor=executor, on_bytes=client.account)
+                                executor=executor, on_bytes=client.account, hint=path)
     except (DeltaUnavailable, OSError) as err:
         log.info("chunk-level transfer of %r not used, fetching it whole: %s", path[:200], err)
         os.ftruncate(out_fd, 0)

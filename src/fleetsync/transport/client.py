@@ -130,11 +130,19 @@ class UpstreamClient:
             prev = r.seq
         return page
 
-    async def blobs(self, digests: list[bytes]) -> AsyncIterator[tuple[bytes, int, bytes]]:
-        """Fetch many small blobs in one stream; yields (digest, status, data) in request order."""
+    async def blobs(self, digests: list[bytes], hints: list[bytes | None] | None = None
+                    ) -> AsyncIterator[tuple[bytes, int, bytes]]:
+        """Fetch many small blobs in one stream; yields (digest, status, data) in request order.
+
+        hints: for each digest, a path where the upstream should hold it (the origin looks blobs
+        up by path; it keeps no hash index).
+        """
         for i in range(0, len(digests), BATCH_MAX_HASHES):
             chunk = digests[i:i + BATCH_MAX_HASHES]
-            body = json.dumps({"hashes": [d.hex() for d in chunk]})
+            req: dict[str, Any] = {"hashes": [d.hex() for d in chunk]}
+            if hints is not None:
+                req["paths"] = [paths.encode(h) if h else None for h in hints[i:i + BATCH_MAX_HASHES]]
+            body = json.dumps(req)
             async with self._session.post(self.base + API + "/blobs", data=body,
                                           headers={"Content-Type": "application/json",
                                                    **request_headers(self.compress)}) as resp:
@@ -165,7 +173,7 @@ class UpstreamClient:
             await self._bucket.consume(len(part))
         return b"".join(parts)
 
-    async def blob_to_fd(self, digest: bytes, size: int, fd: int) -> None:
+    async def blob_to_fd(self, digest: bytes, size: int, fd: int, hint: bytes | None = None) -> None:
         """Stream one large blob into fd (resuming with Range from the fd's size) and verify its hash."""
         h = new_hasher()
         have = os.lseek(fd, 0, os.SEEK_END)
@@ -175,7 +183,8 @@ class UpstreamClient:
                 h.update(chunk)
         headers = {"Range": f"bytes={have}-"} if have else {}
         url = f"{self.base}{API}/blob/{digest.hex()}"
-        async with self._session.get(url, headers=headers) as resp:
+        params = {"path": paths.encode(hint)} if hint else {}
+        async with self._session.get(url, headers=headers, params=params) as resp:
             if resp.status == 404:
                 raise BlobGone(f"{self._where('blob ' + digest.hex()[:12] + '…')}: gone")
             if resp.status == 409:

@@ -26,7 +26,7 @@ from aiohttp import web
 
 from fleetsync import paths
 from fleetsync.entry import FILE, Entry
-from fleetsync.errors import UnsafePath
+from fleetsync.errors import FleetsyncError, UnsafePath
 from fleetsync.hashing import hash_bytes
 from fleetsync.journal.sqlite import SqliteJournal
 from fleetsync.replica.fsops import CachedReader
@@ -47,6 +47,24 @@ TRIM_EVERY_BYTES = 32 << 20
 LOOKUP_CACHE_KIB = 2048
 
 
+def _hint(raw: Any) -> bytes | None:
+    """A wire-encoded path hint, decoded and validated (None when absent)."""
+    if raw is None:
+        return None
+    if not isinstance(raw, str):
+        raise FleetsyncError(f"path hint must be a string, got {type(raw).__name__}")
+    return paths.decode_checked(raw)
+
+
+def _hints(raw: Any, n: int) -> list[bytes | None]:
+    """The optional `paths` list of a blob request: n hints (None where absent)."""
+    if raw is None:
+        return [None] * n
+    if not isinstance(raw, list) or len(raw) != n:
+        raise FleetsyncError(f"must be a list as long as hashes ({n})")
+    return [_hint(r) for r in raw]
+
+
 class BlobLookup:
     """Finds the paths holding a content hash: one indexed query per blob on a private read-only connection.
 
@@ -59,10 +77,22 @@ class BlobLookup:
         self.db = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
         self.db.execute(f"PRAGMA cache_size=-{LOOKUP_CACHE_KIB}")
         self._lock = threading.Lock()
+        self._indexed: bool | None = None
 
-    def find(self, digest: bytes, limit: int = 4) -> list[tuple[bytes, int, int]]:
-        """(path, size, mtime_ns) of up to `limit` manifest files with this hash."""
+    def find(self, digest: bytes, hint: bytes | None = None, limit: int = 4) -> list[tuple[bytes, int, int]]:
+        """(path, size, mtime_ns) of manifest files with this hash: the hinted path if it has it, else
+        up to `limit` found by the hash index (none where the database has no hash index: the origin)."""
         with self._lock:
+            if hint is not None:
+                rows = self.db.execute("SELECT path, size, mtime FROM manifest WHERE path=? AND hash=? AND kind='f'",
+                                       (hint, digest)).fetchall()
+                if rows:
+                    return rows
+            if self._indexed is None:
+                self._indexed = self.db.execute(
+                    "SELECT 1 FROM sqlite_master WHERE type='index' AND name='manifest_hash'").fetchone() is not None
+            if not self._indexed:
+                return []
             return self.db.execute(
                 "SELECT path, size, mtime FROM manifest WHERE hash=? AND kind='f' LIMIT ?", (digest, limit)
             ).fetchall()
@@ -139,9 +169,9 @@ class ServerState:
         os.close(fd)
         return None
 
-    def read_small(self, digest: bytes) -> tuple[int, bytes]:
-        """Read a small blob by hash from the tree, verified: (status, data)."""
-        cands = self._lookup.find(digest)
+    def read_small(self, digest: bytes, hint: bytes | None = None) -> tuple[int, bytes]:
+        """Read a small blob by hash (at the hinted path if it still has it) from the tree, verified: (status, data)."""
+        cands = self._lookup.find(digest, hint)
         if not cands:
             return GONE, b""
         for p, size, mtime_ns in cands:
@@ -161,9 +191,9 @@ class ServerState:
                     return OK, data
         return CHANGED, b""
 
-    def open_blob(self, digest: bytes) -> tuple[int, Entry, int] | tuple[int, None, None]:
+    def open_blob(self, digest: bytes, hint: bytes | None = None) -> tuple[int, Entry, int] | tuple[int, None, None]:
         """Open a blob for streaming: (status, entry, fd) with size/mtime checked against the manifest."""
-        cands = self._lookup.find(digest)
+        cands = self._lookup.find(digest, hint)
         if not cands:
             return GONE, None, None
         for p, size, mtime_ns in cands:
@@ -174,12 +204,12 @@ class ServerState:
                     return OK, Entry(FILE, stat.S_IMODE(st.st_mode), size, mtime_ns, digest), fd
         return CHANGED, None, None
 
-    def read_group(self, digests: list[bytes]) -> list[tuple[int, bytes]]:
+    def read_group(self, digests: list[bytes], hints: list[bytes | None]) -> list[tuple[int, bytes]]:
         """read_small() for a prefix of digests: stops after READ_GROUP_BYTES of content (at least one)."""
         out: list[tuple[int, bytes]] = []
         total = 0
-        for d in digests:
-            out.append(self.read_small(d))
+        for d, h in zip(digests, hints):
+            out.append(self.read_small(d, h))
             total += len(out[-1][1])
             if total >= READ_GROUP_BYTES:
                 break
@@ -305,10 +335,15 @@ def build_app(state: ServerState) -> web.Application:
         try:
             body = await request.json()
             digests = [bytes.fromhex(h) for h in body["hashes"]]
-        except (ValueError, KeyError, TypeError):
-            return _error(400, "body must be JSON {\"hashes\": [hex, …]}")
+            raw_hints = body.get("paths")
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return _error(400, "body must be JSON {\"hashes\": [hex, …], \"paths\": [path or null, …]}")
         if len(digests) > BATCH_MAX_HASHES or any(len(d) != 32 for d in digests):
             return _error(400, f"at most {BATCH_MAX_HASHES} hashes of 32 bytes each")
+        try:
+            hints = _hints(raw_hints, len(digests))
+        except FleetsyncError as e:
+            return _error(400, f"paths: {e}")
         rid = request.headers.get("X-Fleetsync-Replica")
         f = state.follower(rid[:200]) if rid else None
         enc = compress.StreamEncoder(request)
@@ -319,7 +354,7 @@ def build_app(state: ServerState) -> web.Application:
         sent = 0
         while i < len(digests):
             group = digests[i:i + READ_GROUP]
-            results = await loop.run_in_executor(state.read_pool, state.read_group, group)
+            results = await loop.run_in_executor(state.read_pool, state.read_group, group, hints[i:i + READ_GROUP])
             parts = []
             for d, (st, data) in zip(group, results):
                 parts.append(frame_header(d, st, len(data)))
@@ -347,7 +382,12 @@ def build_app(state: ServerState) -> web.Application:
                 raise ValueError
         except ValueError:
             return _error(400, "blob id must be 64 hex digits")
-        status, e, fd = await asyncio.get_running_loop().run_in_executor(state.read_pool, state.open_blob, digest)
+        try:
+            hint = _hint(request.query.get("path"))
+        except FleetsyncError as err:
+            return _error(400, f"path: {err}")
+        status, e, fd = await asyncio.get_running_loop().run_in_executor(state.read_pool, state.open_blob, digest,
+                                                                         hint)
         if status == GONE:
             return _error(404, f"blob {digest.hex()[:12]}… is not in the manifest (superseded)")
         if status == CHANGED or fd is None or e is None:

@@ -1,0 +1,113 @@
+"""Blob lookups by path hint: the origin keeps no hash index, so requests name where the content is."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from fleetsync.entry import FILE, PUT, Entry, Record
+from fleetsync.hashing import hash_bytes
+from fleetsync.journal.sqlite import SqliteJournal
+from fleetsync.transport.client import BlobGone, UpstreamClient
+from fleetsync.transport.server import ServerState, build_app
+from fleetsync.transport.wire import GONE, OK
+
+
+class Origin:
+    """A real API server over a root and an origin-style journal (no hash index)."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.root = tmp / "origin"
+        self.root.mkdir()
+        self.journal = SqliteJournal(str(tmp / "origin.db"), durable=False, content_index=False)
+        self.state = ServerState(self.journal, str(self.root))
+        self.seq = 0
+        self.url = ""
+        self.runner: web.AppRunner | None = None
+
+    def put(self, name: str, data: bytes) -> Entry:
+        p = self.root / name
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+        e = Entry(FILE, 0o644, len(data), p.stat().st_mtime_ns, hash_bytes(data))
+        self.seq += 1
+        self.journal.apply_records([Record(self.seq, PUT, name.encode(), e)])
+        return e
+
+    async def start(self) -> None:
+        self.runner = web.AppRunner(build_app(self.state), access_log=None)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        self.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+        self.state.close()
+        self.journal.close()
+
+
+@pytest.fixture
+async def origin(tmp_path: Path) -> AsyncIterator[Origin]:
+    o = Origin(tmp_path)
+    await o.start()
+    try:
+        yield o
+    finally:
+        await o.stop()
+
+
+def test_origin_journal_has_no_hash_or_inode_index_and_replicas_keep_theirs(tmp_path: Path) -> None:
+    o = SqliteJournal(str(tmp_path / "o.db"), content_index=False)
+    names = {r[0] for r in o.db.execute("SELECT name FROM sqlite_master WHERE type='index'")}
+    assert "manifest_hash" not in names and "manifest_ino" not in names
+    o.close()
+    reader = SqliteJournal(str(tmp_path / "o.db"), durable=False)  # another connection: keeps what is there
+    assert not reader.has_content_index and reader.paths_with_hash(b"\0" * 32) == []
+    reader.close()
+    r = SqliteJournal(str(tmp_path / "r.db"))
+    assert r.has_content_index
+    assert "manifest_hash" in {x[0] for x in r.db.execute("SELECT name FROM sqlite_master WHERE type='index'")}
+
+
+async def test_blobs_are_found_by_their_path_hint(origin: Origin) -> None:
+    a = origin.put("a/x.css", b"alpha" * 100)
+    b = origin.put("b/y.js", b"beta" * 100)
+    client = UpstreamClient(origin.url, replica_id="t")
+    try:
+        got = [(d, st, data) async for d, st, data in client.blobs([a.hash, b.hash], [b"a/x.css", b"b/y.js"])]
+        assert [(st, hash_bytes(data)) for _, st, data in got] == [(OK, a.hash), (OK, b.hash)]
+        # Without a hint (or with a stale one) the origin cannot find content: "gone", never a scan.
+        got = [st async for _, st, _ in client.blobs([a.hash, b.hash], [None, b"a/x.css"])]
+        assert got == [GONE, GONE]
+        # Large-blob path: GET /v1/blob/<hex>?path=…
+        fd = os.open(origin.root.parent / "out", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            await client.blob_to_fd(a.hash, a.size, fd, hint=b"a/x.css")
+            assert os.pread(fd, a.size + 1, 0) == b"alpha" * 100
+            os.ftruncate(fd, 0)
+            with pytest.raises(BlobGone):
+                await client.blob_to_fd(a.hash, a.size, fd, hint=b"b/y.js")
+        finally:
+            os.close(fd)
+    finally:
+        await client.close()
+
+
+@pytest.mark.parametrize("bad", ["../etc/passwd", "/abs", "a/../../x", "a%00b", ""])
+async def test_hostile_path_hints_are_refused(origin: Origin, bad: str) -> None:
+    a = origin.put("a/x.css", b"alpha")
+    async with aiohttp.ClientSession() as s:
+        async with s.post(origin.url + "/v1/blobs", json={"hashes": [a.hash.hex()], "paths": [bad]}) as resp:
+            assert resp.status == 400, await resp.text()
+            assert "path" in (await resp.json())["error"]
+        async with s.get(origin.url + f"/v1/blob/{a.hash.hex()}", params={"path": bad}) as resp:
+            assert resp.status == 400
+        async with s.post(origin.url + "/v1/blobs", json={"hashes": [a.hash.hex()], "paths": ["a", "b"]}) as resp:
+            assert resp.status == 400  # not one hint per hash
