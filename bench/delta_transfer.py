@@ -49,8 +49,6 @@ def serve(root: str, db: str, port: int) -> None:
     j = SqliteJournal(db, durable=False)
     state = ServerState(j, root)
     app = build_app(state)
-    if not any(r.canonical == API + "/chunks/{digest}" for r in app.router.resources()):
-        app.router.add_routes(chunks.routes(state))
     web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None)
 
 

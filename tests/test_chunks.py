@@ -124,7 +124,7 @@ class Upstream:
         return e
 
     async def start(self) -> None:
-        self.runner = web.AppRunner(with_chunks(build_app(self.state), self.state), access_log=None)
+        self.runner = web.AppRunner(build_app(self.state), access_log=None)
         await self.runner.setup()
         site = web.TCPSite(self.runner, "127.0.0.1", 0)
         await site.start()
@@ -142,13 +142,6 @@ class Upstream:
     def sent(self, rid: str = "t") -> int:
         f = self.state.followers.get(rid)
         return f.bytes_sent if f else 0
-
-
-def with_chunks(app: web.Application, state: ServerState) -> web.Application:
-    """The app, with the chunk-list route added if build_app does not serve it already."""
-    if not any(r.canonical == "/v1/chunks/{digest}" for r in app.router.resources()):
-        app.router.add_routes(chunks.routes(state))
-    return app
 
 
 @pytest.fixture

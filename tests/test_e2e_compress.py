@@ -3,19 +3,13 @@ the compressed replica costs the origin fewer bytes for compressible content (re
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 
 import pytest
 
 from tests.helpers.cluster import Cluster
 
-from fleetsync.transport.client import UpstreamClient
-
-# Active once the replica has --compress (the integration hooks).
-pytestmark = [pytest.mark.e2e,
-              pytest.mark.skipif("compress" not in inspect.signature(UpstreamClient.__init__).parameters,
-                                 reason="zstd stream hooks not wired into client/replica yet")]
+pytestmark = pytest.mark.e2e
 
 
 def test_compressed_and_plain_replicas_converge_compressed_is_smaller(tmp_path: Path) -> None:
