@@ -8,54 +8,17 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from aiohttp import web
 
-from fleetsync.entry import FILE, PUT, Entry, Record
 from fleetsync.hashing import hash_bytes
 from fleetsync.journal.sqlite import SqliteJournal
 from fleetsync.transport.client import BlobGone, UpstreamClient
-from fleetsync.transport.server import ServerState, build_app
 from fleetsync.transport.wire import GONE, OK
-
-
-class Origin:
-    """A real API server over a root and an origin-style journal (no hash index)."""
-
-    def __init__(self, tmp: Path) -> None:
-        self.root = tmp / "origin"
-        self.root.mkdir()
-        self.journal = SqliteJournal(str(tmp / "origin.db"), durable=False, content_index=False)
-        self.state = ServerState(self.journal, str(self.root))
-        self.seq = 0
-        self.url = ""
-        self.runner: web.AppRunner | None = None
-
-    def put(self, name: str, data: bytes) -> Entry:
-        p = self.root / name
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_bytes(data)
-        e = Entry(FILE, 0o644, len(data), p.stat().st_mtime_ns, hash_bytes(data))
-        self.seq += 1
-        self.journal.apply_records([Record(self.seq, PUT, name.encode(), e)])
-        return e
-
-    async def start(self) -> None:
-        self.runner = web.AppRunner(build_app(self.state), access_log=None)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        await site.start()
-        self.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
-
-    async def stop(self) -> None:
-        if self.runner is not None:
-            await self.runner.cleanup()
-        self.state.close()
-        self.journal.close()
+from tests.helpers.apiserver import ApiServer
 
 
 @pytest.fixture
-async def origin(tmp_path: Path) -> AsyncIterator[Origin]:
-    o = Origin(tmp_path)
+async def origin(tmp_path: Path) -> AsyncIterator[ApiServer]:
+    o = ApiServer(tmp_path, content_index=False)
     await o.start()
     try:
         yield o
@@ -76,7 +39,7 @@ def test_origin_journal_has_no_hash_or_inode_index_and_replicas_keep_theirs(tmp_
     assert "manifest_hash" in {x[0] for x in r.db.execute("SELECT name FROM sqlite_master WHERE type='index'")}
 
 
-async def test_blobs_are_found_by_their_path_hint(origin: Origin) -> None:
+async def test_blobs_are_found_by_their_path_hint(origin: ApiServer) -> None:
     a = origin.put("a/x.css", b"alpha" * 100)
     b = origin.put("b/y.js", b"beta" * 100)
     client = UpstreamClient(origin.url, replica_id="t")
@@ -101,7 +64,7 @@ async def test_blobs_are_found_by_their_path_hint(origin: Origin) -> None:
 
 
 @pytest.mark.parametrize("bad", ["../etc/passwd", "/abs", "a/../../x", "a%00b", ""])
-async def test_hostile_path_hints_are_refused(origin: Origin, bad: str) -> None:
+async def test_hostile_path_hints_are_refused(origin: ApiServer, bad: str) -> None:
     a = origin.put("a/x.css", b"alpha")
     async with aiohttp.ClientSession() as s:
         async with s.post(origin.url + "/v1/blobs", json={"hashes": [a.hash.hex()], "paths": [bad]}) as resp:

@@ -11,14 +11,12 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 
-from fleetsync.entry import FILE, PUT, Entry, Record
+from fleetsync.entry import FILE, Entry
 from fleetsync.hashing import hash_bytes
-from fleetsync.journal.sqlite import SqliteJournal
 from fleetsync.transport import chunks
 from fleetsync.transport.chunks import ChunkList, DeltaUnavailable, chunk_fd, fetch_delta, plan_delta
-from fleetsync.transport.server import ServerState, build_app
+from tests.helpers.apiserver import ApiServer
 
 
 def data_of(size: int, seed: int = 1) -> bytes:
@@ -102,46 +100,7 @@ def test_too_many_ranges_are_merged(tmp_path: Path) -> None:
 
 
 # -- against a real upstream ---------------------------------------------------------------------
-class Upstream:
-    """A real API server (build_app) over a root and a journal whose manifest holds `big`."""
-
-    def __init__(self, tmp: Path) -> None:
-        self.root = tmp / "origin"
-        self.root.mkdir()
-        self.journal = SqliteJournal(str(tmp / "origin.db"), durable=False)
-        self.state = ServerState(self.journal, str(self.root))
-        self.seq = 0
-        self.url = ""
-        self.runner: web.AppRunner | None = None
-
-    def put(self, name: str, data: bytes) -> Entry:
-        p = self.root / name
-        p.write_bytes(data)
-        st = p.stat()
-        e = Entry(FILE, 0o644, len(data), st.st_mtime_ns, hash_bytes(data))
-        self.seq += 1
-        self.journal.apply_records([Record(self.seq, PUT, name.encode(), e)])
-        return e
-
-    async def start(self) -> None:
-        self.runner = web.AppRunner(build_app(self.state), access_log=None)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self.url = f"http://127.0.0.1:{port}"
-
-    async def stop(self) -> None:
-        if self.runner is not None:
-            await self.runner.cleanup()
-        close = getattr(self.state, "close", None)
-        if close is not None:
-            close()
-        self.journal.close()
-
-    def sent(self, rid: str = "t") -> int:
-        f = self.state.followers.get(rid)
-        return f.bytes_sent if f else 0
+Upstream = ApiServer
 
 
 @pytest.fixture
