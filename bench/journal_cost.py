@@ -9,8 +9,8 @@ commits of `--per-commit` changes: a point lookup on the indexer's reader connec
 lookup, the inode lookup for new files, and the commit. It reports /proc/self/io and CPU per round;
 run it under `strace -c -f` for a syscall count:
 
-    .venv/bin/python bench/journal_cost.py build /tmp/j100k.db 100000
-    strace -f -c -o /tmp/s100k .venv/bin/python bench/journal_cost.py rounds /tmp/j100k.db --rounds 3
+    .venv/bin/python bench/journal_cost.py build "$WORK"/j100k.db 100000
+    strace -f -c -o "$WORK"/s100k .venv/bin/python bench/journal_cost.py rounds "$WORK"/j100k.db --rounds 3
 """
 
 from __future__ import annotations
