@@ -34,7 +34,6 @@ import pickle
 import platform
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -46,23 +45,14 @@ sys.path.insert(0, os.path.join(REPO, "src"))
 
 from fleetsync.ops.corpus import Corpus, generate, mutate  # noqa: E402
 
+sys.path.insert(0, os.path.join(REPO, "bench"))
+from harness.util import free_port, log  # noqa: E402
+
 FLEETSYNC = os.path.join(REPO, ".venv", "bin", "fleetsync")
 CLK = os.sysconf("SC_CLK_TCK")
 IO_KEYS = ("rchar", "wchar", "syscr", "syscw", "read_bytes", "write_bytes")
 
 _children: list[subprocess.Popen[bytes]] = []
-
-
-def log(msg: str) -> None:
-    """Progress line on stderr."""
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    """An unused loopback TCP port."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # -- /proc readers -------------------------------------------------------------------------------
