@@ -76,7 +76,6 @@ class Indexer:
         self._root_id = (st.st_dev, st.st_ino)
         self._wake = asyncio.Event()
         self._shadow: dict[bytes, Entry | None] = {}
-        self._gone_by_ino: dict[int, bytes] = {}
         self._inflight = 0
         self._held: set[tuple[int, int]] | None = None
         self._held_at = -1.0
@@ -487,11 +486,11 @@ class Indexer:
         # Files of this batch that are gone from disk, by the inode they had: a new path in the
         # same batch with that inode and content is the same file renamed (e.g. while the origin
         # was down), shipped as a move.
-        self._gone_by_ino = {}
+        gone_by_ino: dict[int, bytes] = {}
         for o in obs:
             row = (known or {}).get(o.path)
             if o.st is None and not o.unstable and row is not None and row[0].kind == FILE and row[1] is not None:
-                self._gone_by_ino[row[1].ino] = o.path
+                gone_by_ino[row[1].ino] = o.path
         # Present paths first (so rename detection by inode sees the old path still in the manifest),
         # then deletions.
         known_dirs: set[bytes] = set()
@@ -509,7 +508,7 @@ class Indexer:
                     self.j.update_local(o.path, o.local)
                 continue
             if cur is None and o.st is not None:
-                src = self._renamed_from(o)
+                src = self._renamed_from(o, gone_by_ino)
                 if src is not None:
                     ch = Change(MOVE, o.path, e, src, o.local)
                     changes.append(ch)
@@ -570,12 +569,12 @@ class Indexer:
         self.removed(path)
         return Entry(DIR, 0o755)
 
-    def _renamed_from(self, o: _Obs) -> bytes | None:
+    def _renamed_from(self, o: _Obs, gone_by_ino: dict[int, bytes]) -> bytes | None:
         """A path gone from disk in this batch that this new path is the same inode (and content) as."""
         assert o.st is not None and o.entry is not None
         if o.entry.kind != FILE:
             return None
-        cand = self._gone_by_ino.get(o.st.st_ino)
+        cand = gone_by_ino.get(o.st.st_ino)
         if cand is None or cand == o.path or cand in self._shadow:
             return None
         m = self.j.get(cand)

@@ -424,7 +424,9 @@ def build_app(state: ServerState) -> web.Application:
                         await loop.sendfile(transport, fobj, start, end - start)
                         pos = end
                     except NotImplementedError:
-                        pass
+                        # No zero-copy on this transport (e.g. TLS): nothing was sent yet, and the
+                        # pread loop below sends the whole range instead.
+                        pos = start
                 if f is not None:
                     f.bytes_sent += pos - start
             while pos < end:
