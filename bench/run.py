@@ -57,11 +57,17 @@ def parse(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--peers", default="rsync,lsyncd-d1,lsyncd-default",
                     help="comma list of peers: rsync, lsyncd-d1, lsyncd-default, or none (default: all three)")
     ap.add_argument("--settle", type=float, default=0.2, help="fleetsync origin --settle (default 0.2 s)")
+    ap.add_argument("--detector", default="auto", choices=["auto", "inotify", "fanotify", "scan"],
+                    help="the origin's --detector (default auto: fanotify when root, else inotify). On one host "
+                         "fanotify also hears the replicas' writes, which a real fleet's origin would not")
     ap.add_argument("--timeout", type=float, default=None, help="seconds before a run counts as FAILED")
     ap.add_argument("--poll", type=float, default=0.05,
                     help="interval of GET /v1/status while waiting for fleetsync to converge (default 0.05 s; "
                          "each call costs the origin a SELECT count(*) over the manifest)")
     ap.add_argument("--seed", type=int, default=1, help="corpus seed (default 1)")
+    ap.add_argument("--size-scale", type=float, default=1.0, metavar="F",
+                    help="multiply every generated file size by F (same file count and shape, F times the "
+                         "bytes; e.g. 0.25 to fit 1M-file trees on a smaller disk). Default 1")
     ap.add_argument("--verify", choices=["auto", "each", "last"], default="auto",
                     help="full fingerprint (BLAKE3 of every file) after every round ('each'), or a metadata "
                          "comparison per round and the full one after each tool's last round ('last'); "
@@ -145,11 +151,12 @@ def main(argv: list[str]) -> int:
         base = tmp if os.stat(tmp).st_dev == os.stat(REPO).st_dev else os.path.join(REPO, "bench", "work")
     os.makedirs(base, exist_ok=True)
     run_id = time.strftime("%Y%m%d-%H%M%S") + ("-quick" if args.quick else f"-{sizes.files}")
-    need_bytes = sizes.files * BYTES_PER_FILE * COPIES + sizes.burst * BYTES_PER_FILE * 8
+    per_file = BYTES_PER_FILE * args.size_scale + 4096  # content plus inode and block rounding
+    need_bytes = int(sizes.files * per_file * COPIES + sizes.burst * per_file * 8)
     free = shutil.disk_usage(base).free
     if need_bytes > free * 0.95 and not args.force:
         print(f"not enough disk in {base}: about {need_bytes / 1e9:.0f} GB needed for {sizes.files:,} files "
-              f"({COPIES} tree copies of ~{sizes.files * BYTES_PER_FILE / 1e9:.1f} GB), {free / 1e9:.0f} GB free. "
+              f"({COPIES} tree copies of ~{sizes.files * per_file / 1e9:.1f} GB), {free / 1e9:.0f} GB free. "
               f"Use --workdir on a bigger disk (or --force).")
         return 2
     wd = os.path.join(base, f"fleetsync-bench-{run_id}")
@@ -160,7 +167,8 @@ def main(argv: list[str]) -> int:
     res.add(scenario="meta", metric="run", tool="-", value=None, unit="", status="ok",
             detail={"argv": sys.argv, "scenarios": what, "sizes": sizes_dict(sizes), "machine": info,
                     "peers": args.peers, "settle": args.settle, "cold": args.cold, "workdir": wd,
-                    "poll": args.poll, "verify": args.verify,
+                    "poll": args.poll, "verify": args.verify, "size_scale": args.size_scale,
+                    "detector": args.detector,
                     "dirty_files": git_dirty()})
     log(f"run {run_id}: scenarios {', '.join(what)} at {sizes.files:,} files; workdir {wd}")
     log(f"machine: {info['nproc']} cpus, kernel {info['kernel']}, {info['fstype']} on {info['device']} "

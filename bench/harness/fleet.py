@@ -88,11 +88,13 @@ class Profiler:
 class Fleet:
     """An origin on ROOT plus named replicas under workdir, spawned with the venv's fleetsync."""
 
-    def __init__(self, workdir: str, origin_root: str, *, settle: float, poll: float = 0.05) -> None:
+    def __init__(self, workdir: str, origin_root: str, *, settle: float, poll: float = 0.05,
+                 detector: str = "auto") -> None:
         self.workdir = workdir
         self.poll = poll
         self.origin_root = origin_root
         self.settle = settle
+        self.detector = detector
         self.port = 0
         self.origin: subprocess.Popen[bytes] | None = None
         self.replicas: dict[str, subprocess.Popen[bytes]] = {}
@@ -120,7 +122,8 @@ class Fleet:
         t0 = now()
         self.origin = self._spawn(["origin", "--root", self.origin_root,
                                    "--state", os.path.join(self.workdir, "origin-state"),
-                                   "--listen", f"127.0.0.1:{port}", "--settle", str(self.settle)], "origin.log")
+                                   "--listen", f"127.0.0.1:{port}", "--settle", str(self.settle),
+                                   "--detector", self.detector], "origin.log")
         last_seq, stable_since = -1, None
         while True:
             if self.origin.poll() is not None:

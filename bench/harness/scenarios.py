@@ -21,7 +21,7 @@ from fleetsync.ops.verify import diff_trees, fingerprint_tree
 
 from harness.fleet import Fleet, NotConverged, Profiler
 from harness.peers import Lsyncd, expected_for, rsync_push, stat_key, wait_match
-from harness.util import (CpuAudit, Results, drop_caches, free_port, log, max_user_watches, median, now, percentile,
+from harness.util import (CpuAudit, Results, cpu_seconds, drop_caches, free_port, log, max_user_watches, median, now, percentile,
                           sync_disks, wait_idle)
 
 FLEETSYNC = "fleetsync"
@@ -132,20 +132,23 @@ class Bench:
         log(f"generating corpus: {n} files (seed {self.args.seed}, {self.sizes.huge_dirs} huge dirs) "
             f"in {self.origin_root}")
         t = now()
-        self.corpus = generate(self.origin_root, n, seed=self.args.seed, huge_dirs=self.sizes.huge_dirs)
+        self.corpus = generate(self.origin_root, n, seed=self.args.seed, huge_dirs=self.sizes.huge_dirs,
+                               size_scale=self.args.size_scale)
         dt = now() - t
         size = sum(os.lstat(os.path.join(os.fsencode(self.origin_root), p)).st_size for p in self.corpus.files)
         log(f"  {len(self.corpus.files)} files, {len(self.corpus.dirs)} dirs, {size / 1e6:.0f} MB in {dt:.1f}s")
         sync_disks()
         self.res.add(scenario="setup", metric="corpus", tool="-", value=dt, unit="s", status="ok",
                      detail={"files": len(self.corpus.files), "dirs": len(self.corpus.dirs), "bytes": size,
-                             "seed": self.args.seed, "huge_dirs": self.sizes.huge_dirs})
+                             "seed": self.args.seed, "huge_dirs": self.sizes.huge_dirs,
+                             "size_scale": self.args.size_scale})
 
     def ensure_origin(self) -> Fleet:
         """Start the fleetsync origin on the tree (its initial index is timed and recorded)."""
         self.ensure_corpus()
         if self.fleet is None:
-            self.fleet = Fleet(self.wd, self.origin_root, settle=self.args.settle, poll=self.args.poll)
+            self.fleet = Fleet(self.wd, self.origin_root, settle=self.args.settle, poll=self.args.poll,
+                               detector=self.args.detector)
             log("starting fleetsync origin (initial index)")
             dt = self.fleet.start_origin(free_port(), timeout=self.sizes.timeout * 4)
             self.origin_index_s = dt
@@ -526,16 +529,24 @@ class Bench:
                 wl0 = fleet.watch_limit_count()
                 b0 = fleet.bytes_sent(st0)
                 self.profile_start(f"round{i + 1}", ["origin", "r1"])
+                cpu0 = {n: cpu_seconds(pid) for n, pid in fleet.pids().items()}
+                t_first, c_first = now(), time.process_time()
                 mutate(self.corpus, k, seed=self.round_seed(i))
                 t_last = now()
                 self.gen += 1
                 t, st = fleet.wait_converged(REPLICAS, min_seq=st0["seq"] + 1, t_ref=t_last,
                                              timeout=self.sizes.timeout)
                 self.profile_stop()
+                cpu = {n: round((cpu_seconds(pid) or 0.0) - (cpu0.get(n) or 0.0), 3)
+                       for n, pid in fleet.pids().items()}
+                cpu["writer"] = round(time.process_time() - c_first, 3)
+                log(f"    last write at {time.time() - (now() - t_last):.3f}; writes took {t_last - t_first:.3f}s; CPU seconds first write → converged: {cpu}")
                 b1 = fleet.bytes_sent(st)
                 e = sum(b1.get(r, 0) - b0.get(r, 0) for r in REPLICAS)
                 _, facts = self.round_delta(pre)
                 facts["watch_limit_hits"] = fleet.watch_limit_count() - wl0
+                facts["cpu_s"] = cpu
+                facts["write_s"] = round(t_last - t_first, 3)
                 log(f"  fleetsync round {i + 1}: {t - t_last:.3f}s, {st['seq'] - st0['seq']} records, "
                     f"egress {e / 1e6:.1f} MB for {facts['changed_bytes'] / 1e6:.1f} MB changed ({facts})")
                 diffs = self.verify_fleet("round", last=i == self.sizes.rounds - 1)

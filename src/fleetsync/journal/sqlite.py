@@ -278,11 +278,20 @@ class SqliteJournal:
                                    (local.ctime_ns, path, local.ino)).rowcount:
                 self.db.execute("UPDATE manifest SET ino=?, ctime=? WHERE path=?", (local.ino, local.ctime_ns, path))
 
-    def apply_records(self, records: list[Record], head: int | None = None) -> None:
-        """Replica: store records applied with the upstream's seqs and advance head, atomically."""
+    def apply_records(self, records: list[Record], head: int | None = None,
+                      meta: dict[str, str | None] | None = None) -> None:
+        """Replica: store records applied with the upstream's seqs and advance head, atomically.
+
+        `meta` values are set (or deleted where None) in the same transaction.
+        """
         with self._lock:
             self.db.execute("BEGIN IMMEDIATE")
             try:
+                for key, value in (meta or {}).items():
+                    if value is None:
+                        self.db.execute("DELETE FROM meta WHERE key=?", (key,))
+                    else:
+                        self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
                 for rec in records:
                     self._append(rec)
                     self._apply_manifest(rec, None)

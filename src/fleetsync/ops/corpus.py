@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 EXTS = (".html", ".css", ".js", ".png", ".jpg", ".svg", ".json", ".woff2")
 
 
-def _size(rng: random.Random) -> int:
+def _size(rng: random.Random, scale: float = 1.0) -> int:
     if rng.random() < 0.002:
-        return rng.randint(1 << 20, 4 << 20)
-    return max(0, min(int(rng.lognormvariate(9.0, 1.2)), 1 << 20))
+        return int(rng.randint(1 << 20, 4 << 20) * scale)
+    return int(max(0, min(int(rng.lognormvariate(9.0, 1.2)), 1 << 20)) * scale)
 
 
 def _content(rng: random.Random, size: int) -> bytes:
@@ -36,6 +36,8 @@ class Corpus:
     files: list[bytes] = field(default_factory=list)
     dirs: list[bytes] = field(default_factory=list)
     seed: int = 1
+    #: Every file size is multiplied by this (a smaller corpus with the same shape and file count).
+    size_scale: float = 1.0
     _n: int = 0
 
     def _new_name(self, rng: random.Random) -> bytes:
@@ -43,10 +45,11 @@ class Corpus:
         return f"asset-{self._n:07d}{rng.choice(EXTS)}".encode()
 
 
-def generate(root: str, n_files: int, *, seed: int = 1, huge_dirs: int = 0, huge_size: int = 20000) -> Corpus:
-    """Write n_files into root with the corpus shape; returns the Corpus."""
+def generate(root: str, n_files: int, *, seed: int = 1, huge_dirs: int = 0, huge_size: int = 20000,
+             size_scale: float = 1.0) -> Corpus:
+    """Write n_files into root with the corpus shape (sizes times size_scale); returns the Corpus."""
     rng = random.Random(seed)
-    c = Corpus(root, seed=seed)
+    c = Corpus(root, seed=seed, size_scale=size_scale)
     rootb = os.fsencode(root)
     os.makedirs(rootb, exist_ok=True)
     remaining = n_files
@@ -62,7 +65,7 @@ def generate(root: str, n_files: int, *, seed: int = 1, huge_dirs: int = 0, huge
         for _ in range(count):
             p = d + b"/" + c._new_name(rng)
             with open(os.path.join(rootb, p), "wb") as f:
-                f.write(_content(rng, _size(rng)))
+                f.write(_content(rng, _size(rng, size_scale)))
             c.files.append(p)
         remaining -= count
     return c
@@ -78,7 +81,7 @@ def mutate(c: Corpus, k: int, *, seed: int = 2) -> dict[str, int]:
         if r < 0.60 or len(c.files) < 10:
             p = rng.choice(c.dirs) + b"/" + c._new_name(rng)
             with open(os.path.join(rootb, p), "wb") as f:
-                f.write(_content(rng, _size(rng)))
+                f.write(_content(rng, _size(rng, c.size_scale)))
             c.files.append(p)
             counts["new"] += 1
         elif r < 0.85:

@@ -108,6 +108,10 @@ class Replica:
         self.upstream_head = 0
         self._stop = asyncio.Event()
         self._sweep = self.journal.meta("inflight") is not None
+        #: Directories that may still hold replaced versions under temp names (after a crash).
+        self._sweep_dirs = {b"" if d == "." else bytes.fromhex(d) for d in (self.journal.meta("trash") or "").split()}
+        #: Unlinking the previous batch's replaced versions, off the critical path.
+        self._cleanup: asyncio.Future[OSError | None] | None = None
         self.on_applied: list[Callable[[], None]] = []
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -117,6 +121,7 @@ class Replica:
 
     async def close(self) -> None:
         """Release resources."""
+        await self._finish_cleanup()
         await self.client.close()
         if self._pool is not None:
             self._pool.shutdown(wait=True)
@@ -178,6 +183,7 @@ class Replica:
     # -- bootstrap / resync ----------------------------------------------------------------------
     async def resync(self, *, bootstrap: bool) -> None:
         """Make the tree equal to the upstream's manifest snapshot (diff, not re-download)."""
+        await self._finish_cleanup()
         jid, seq, entries = await self.client.snapshot()
         log.info("%s from %s at seq %d", "bootstrapping" if bootstrap else "resyncing", self.upstream, seq)
         stage = SnapshotStage(self.journal)
@@ -206,6 +212,7 @@ class Replica:
         for p in sorted(extras):
             if not stage.contains(p):
                 self.fs.delete(p)
+        self.fs.flush_trash()
         self.fs.sync()
         stage.install(seq, jid)
         self.stats.bootstraps += 1
@@ -367,11 +374,16 @@ class Replica:
     async def apply_batch(self, records: list[Record]) -> int:
         """Apply a prefix of records durably; returns how many were applied."""
         recs = self._cut(records)
-        if self._sweep:
-            # Named temps (filesystems without O_TMPFILE) are written in the root, then renamed.
-            for d in {b""} | {paths.parent(p) for r in recs for p in (r.path, r.old_path) if p}:
+        await self._finish_cleanup()
+        if self._sweep or self._sweep_dirs:
+            # Named temps (filesystems without O_TMPFILE) are written in the root, then renamed;
+            # replaced versions wait under temp names until the batch after theirs.
+            dirs = set(self._sweep_dirs)
+            if self._sweep:
+                dirs |= {b""} | {paths.parent(p) for r in recs for p in (r.path, r.old_path) if p}
+            for d in dirs:
                 self.fs.sweep_temps(d)
-            self._sweep = False
+            self._sweep, self._sweep_dirs = False, set()
         self.journal.set_meta("inflight", f"{recs[0].seq}-{recs[-1].seq}")
         plan = self._plan(recs)
         pipe = self._pipeline()
@@ -397,14 +409,30 @@ class Replica:
             ok = True
         finally:
             await pipe.close(ok)
+            if not ok:
+                self.fs.flush_trash(strict=False)
+        trash = self.fs.take_trash()
         self.fs.sync()
-        self.journal.apply_records(recs)
-        self.journal.db.execute("DELETE FROM meta WHERE key='inflight'")
+        # The old versions of replaced files are unlinked after the cursor commit (they are not
+        # at any served path any more); the meta key lets a restart sweep them after a crash.
+        self.journal.apply_records(recs, meta={"inflight": None,
+                                               "trash": " ".join({d.hex() or "." for _, d, _ in trash}) or None})
+        if trash:
+            self._cleanup = asyncio.get_running_loop().run_in_executor(None, ConfinedRoot.drop_trash, trash)
         self.stats.batches += 1
         self.stats.records += len(recs)
         for cb in self.on_applied:
             cb()
         return len(recs)
+
+    async def _finish_cleanup(self) -> None:
+        """Wait until the previous batch's replaced versions are unlinked."""
+        if self._cleanup is None:
+            return
+        fut, self._cleanup = self._cleanup, None
+        err = await fut
+        if err is not None:
+            log.warning("replica %s: removing replaced versions: %s (swept after a restart)", self.id, err)
 
     def _unchanged_on_disk(self, r: Record) -> bool:
         """Manifest says path already has this content and the disk agrees (a mode/mtime-only change)."""

@@ -26,7 +26,12 @@ from fleetsync.errors import FleetsyncError, IntegrityError, UnsafePath
 from fleetsync.hashing import CHUNK, hash_bytes, hash_fd, new_hasher
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+if hasattr(_libc, "renameat2"):
+    _libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_RENAME_EXCHANGE = 2
+#: Replaced versions waiting to be unlinked before the next flush (bounds open descriptors).
+TRASH_MAX = 1024
 _counter = itertools.count()
 _hints_lock = threading.Lock()
 
@@ -51,11 +56,18 @@ class ConfinedRoot:
         self._dirs: dict[bytes, int] = {}
         self._cache = cache
         self._tmpfile = hasattr(os, "O_TMPFILE") and os.path.isdir("/proc/self/fd")
+        self._exchange = hasattr(_libc, "renameat2")
+        #: (descriptor of its directory, its directory's path, temp name) of each replaced version
+        #: not yet unlinked.
+        self._trash: list[tuple[int, bytes, bytes]] = []
         self._hints: CachedReader | None = None
 
     def close(self) -> None:
-        """Release directory descriptors."""
-        self.forget_dirs()
+        """Remove replaced versions still waiting, release directory descriptors."""
+        try:
+            self.flush_trash(strict=False)
+        finally:
+            self.forget_dirs()
         if self._hints is not None:
             self._hints.close()
         os.close(self.fd)
@@ -324,8 +336,11 @@ class ConfinedRoot:
             pass
 
     def _replace(self, dfd: int, tmp: bytes, path: bytes, src_dfd: int | None = None) -> None:
+        """Atomically put temp `tmp` (in src_dfd, default dfd) at path, replacing what is there."""
         nm = paths.name(path)
         sfd = dfd if src_dfd is None else src_dfd
+        if self._exchange and self._swap(sfd, b"" if src_dfd is not None else paths.parent(path), tmp, dfd, nm):
+            return
         try:
             os.rename(tmp, nm, src_dir_fd=sfd, dst_dir_fd=dfd)
         except (IsADirectoryError, OSError) as err:
@@ -334,6 +349,55 @@ class ConfinedRoot:
             self.delete(path)  # may drop cached directory descriptors: resolve again
             dfd, _ = self._at(path, create_parents=True)
             os.rename(tmp, nm, src_dir_fd=dfd if src_dfd is None else src_dfd, dst_dir_fd=dfd)
+
+    def _swap(self, sfd: int, sdir: bytes, tmp: bytes, dfd: int, nm: bytes) -> bool:
+        """Exchange temp `tmp` (in sfd = directory sdir) and an existing non-directory at nm.
+
+        Replacing by rename() makes ext4 (auto_da_alloc) start writeback of the new file inside the
+        call, about 1 ms per file on a busy disk, and frees the old file's blocks there too;
+        RENAME_EXCHANGE does neither. The old version stays under the temp name until it is
+        unlinked by flush_trash() or drop_trash(). False: nothing done, rename instead.
+        """
+        try:
+            st = os.stat(nm, dir_fd=dfd, follow_symlinks=False)
+        except OSError:
+            return False
+        if stat.S_ISDIR(st.st_mode):
+            return False
+        if _libc.renameat2(sfd, tmp, dfd, nm, _RENAME_EXCHANGE) != 0:
+            if ctypes.get_errno() in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                self._exchange = False  # filesystem or kernel without RENAME_EXCHANGE
+            return False
+        self._trash.append((os.dup(sfd), sdir, tmp))
+        if len(self._trash) >= TRASH_MAX:
+            self.flush_trash()
+        return True
+
+    def take_trash(self) -> list[tuple[int, bytes, bytes]]:
+        """Hand over the replaced versions waiting under temp names (unlink them with drop_trash)."""
+        trash, self._trash = self._trash, []
+        return trash
+
+    @staticmethod
+    def drop_trash(trash: list[tuple[int, bytes, bytes]]) -> OSError | None:
+        """Unlink replaced versions from take_trash(); thread-safe. Returns the first error, if any."""
+        err: OSError | None = None
+        for fd, _, tmp in trash:
+            try:
+                os.unlink(tmp, dir_fd=fd)
+            except FileNotFoundError:
+                pass  # its directory was removed meanwhile
+            except OSError as e:
+                err = err or e
+            finally:
+                os.close(fd)
+        return err
+
+    def flush_trash(self, strict: bool = True) -> None:
+        """Unlink the replaced versions now (errors raised if strict)."""
+        err = self.drop_trash(self.take_trash())
+        if err is not None and strict:
+            raise FleetsyncError(f"removing a replaced version under {self.root!r}: {err}") from err
 
     def write_file(self, path: bytes, data: bytes, e: Entry) -> None:
         """Atomically place verified content at path."""
@@ -431,6 +495,8 @@ class ConfinedRoot:
         sfd, snm = self._at(old)
         dfd, dnm = self._at(new, create_parents=True)
         is_dir = stat.S_ISDIR(os.stat(snm, dir_fd=sfd, follow_symlinks=False).st_mode)
+        if is_dir:
+            self.flush_trash()  # a crash must not leave old versions in a directory under its new name
         try:
             os.rename(snm, dnm, src_dir_fd=sfd, dst_dir_fd=dfd)
         except OSError as err:
