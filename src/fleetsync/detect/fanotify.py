@@ -86,7 +86,10 @@ FAN_REPORT_DFID_NAME = FAN_REPORT_DIR_FID | FAN_REPORT_NAME
 FAN_REPORT_DFID_NAME_TARGET = FAN_REPORT_DFID_NAME | FAN_REPORT_FID | FAN_REPORT_TARGET_FID
 
 FAN_MARK_ADD = 0x00000001
+FAN_MARK_IGNORED_SURV_MODIFY = 0x00000040
+FAN_MARK_FLUSH = 0x00000080
 FAN_MARK_FILESYSTEM = 0x00000100
+FAN_MARK_IGNORE = 0x00000400
 
 FAN_EVENT_INFO_TYPE_FID = 1
 FAN_EVENT_INFO_TYPE_DFID_NAME = 2
@@ -104,6 +107,12 @@ MAX_HANDLE_SZ = 128
 BASE_MASK = (FAN_CREATE | FAN_DELETE | FAN_MODIFY | FAN_CLOSE_WRITE | FAN_ATTRIB | FAN_DELETE_SELF
              | FAN_MOVE_SELF | FAN_ONDIR)
 MIN_KERNEL = (5, 9)
+#: What the kernel drops for a directory known to lie outside the root (FAN_MARK_IGNORE, Linux >= 6.0):
+#: events on its entries and itself. Renames and moves are never ignored: one may bring the
+#: directory into the root, and then every ignore mark is flushed before its content is rescanned.
+IGNORE_MASK = FAN_CREATE | FAN_DELETE | FAN_MODIFY | FAN_CLOSE_WRITE | FAN_ATTRIB | FAN_ONDIR | FAN_EVENT_ON_CHILD
+#: Ignore marks at most (each pins a directory inode in memory until the marks are flushed).
+IGNORE_MAX = 4096
 
 _META = struct.Struct("=IBBHQii")  # struct fanotify_event_metadata (24 bytes)
 _INFO_HDR = struct.Struct("=BBH")  # struct fanotify_event_info_header
@@ -347,10 +356,15 @@ class _Resolver:
     """
 
     def __init__(self, mount_fd: int, inside: Callable[[bytes], bool],
-                 holds_root: Callable[[bytes], bool] = lambda p: True) -> None:
+                 holds_root: Callable[[bytes], bool] = lambda p: True,
+                 on_outside: Callable[[bytes], None] = lambda h: None,
+                 on_forget: Callable[[], None] = lambda: None) -> None:
         self.mount_fd = mount_fd
         self.inside = inside
         self.holds_root = holds_root
+        #: Called with the handle of each directory newly known to lie outside, and when they are forgotten.
+        self.on_outside = on_outside
+        self.on_forget = on_forget
         self.cache: dict[bytes, tuple[bytes, int, int]] = {}
         #: Handles of live directories outside the root that are not the root's ancestors. Only a
         #: directory rename can bring one (or a directory below it) into the root, so every batch
@@ -411,6 +425,7 @@ class _Resolver:
                     if len(self.outside) >= OUTSIDE_MAX:
                         del self.outside[next(iter(self.outside))]  # oldest first
                     self.outside[handle] = None
+                    self.on_outside(handle)
                 return path
             try:
                 st2 = os.lstat(path)
@@ -451,6 +466,7 @@ class _Resolver:
                 continue
             if parent not in self.outside:
                 self.outside.clear()
+                self.on_forget()
                 return
 
     def last_known(self, handle: bytes) -> bytes | None:
@@ -508,7 +524,10 @@ class FanotifyDetector:
         except BaseException:
             self.close()
             raise
-        self._res = _Resolver(self._root_fd, lambda p: self._rel(p) is not None, self._covers_root)
+        #: Kernel ignore marks on directories outside the root (0 once unsupported: -1).
+        self.ignored_dirs = 0
+        self._res = _Resolver(self._root_fd, lambda p: self._rel(p) is not None, self._covers_root,
+                              self._ignore_dir, self._unignore_all)
 
     # -- setup -----------------------------------------------------------------------------------
     @staticmethod
@@ -542,6 +561,34 @@ class FanotifyDetector:
                 return mask, bool(mask & FAN_RENAME)
         assert last is not None
         raise last
+
+    def _ignore_dir(self, handle: bytes) -> None:
+        """Have the kernel drop the events of a directory outside the root (busy neighbours cost nothing)."""
+        if self.ignored_dirs < 0 or self._fd < 0:
+            return
+        if self.ignored_dirs >= IGNORE_MAX:
+            self._unignore_all()  # bounds pinned inodes (and marks of since-deleted directories)
+        try:
+            fd = open_by_handle(self._root_fd, handle, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:
+            return
+        try:
+            if _libc().fanotify_mark(self._fd, FAN_MARK_ADD | FAN_MARK_IGNORE | FAN_MARK_IGNORED_SURV_MODIFY,
+                                     IGNORE_MASK, fd, None) == 0:
+                self.ignored_dirs += 1
+            elif ctypes.get_errno() == errno.EINVAL:
+                log.info("fanotify: FAN_MARK_IGNORE unsupported (kernel < 6.0); events outside the root "
+                         "are dropped after they are read")
+                self.ignored_dirs = -1
+        finally:
+            os.close(fd)
+
+    def _unignore_all(self) -> None:
+        """Remove every ignore mark (a directory may have moved into the root)."""
+        if self.ignored_dirs > 0 and self._fd >= 0:
+            if _libc().fanotify_mark(self._fd, FAN_MARK_FLUSH, 0, AT_FDCWD, None) != 0:
+                raise _oserror("fanotify_mark(FAN_MARK_FLUSH) of the ignore marks")
+            self.ignored_dirs = 0
 
     def submounts(self) -> list[bytes]:
         """Mount points below the root: other filesystems, which the mark does not cover."""
