@@ -121,3 +121,18 @@ def test_restart_sweeps_replaced_versions_a_crash_left(tmp_path) -> None:
     asyncio.run(run())
     assert temps(root / "d/e") == [] and temps(root) == []
     assert (root / "d/e/f").read_bytes() == b"2" and (root / "top").read_bytes() == b"2"
+
+
+def test_background_cleanup_and_directory_removal_do_not_race(tmp_path) -> None:
+    r = ConfinedRoot(str(tmp_path / "root"))
+    for i in range(200):
+        r.write_file(b"d/f%d" % i, b"a", fe(b"a"))
+        r.write_file(b"d/f%d" % i, b"b", fe(b"b"))
+    r.write_file(b"keep/f", b"a", fe(b"a"))
+    r.write_file(b"keep/f", b"b", fe(b"b"))
+    r.start_cleanup(r.take_trash())
+    r.delete(b"d")  # waits for the cleanup instead of racing its unlinks
+    assert r.wait_cleanup() is None
+    assert not (tmp_path / "root/d").exists()
+    assert os.listdir(tmp_path / "root/keep") == ["f"]
+    r.close()

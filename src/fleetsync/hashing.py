@@ -26,6 +26,25 @@ def hash_fd(fd: int) -> tuple[bytes, int]:
         n += len(chunk)
 
 
+def hash_fd_keep(fd: int, keep: int) -> tuple[bytes, int, bytes | None]:
+    """hash_fd() that also returns the content when the file has at most `keep` bytes (else None)."""
+    h = blake3()
+    n = 0
+    parts: list[bytes] | None = []
+    while True:
+        chunk = os.read(fd, CHUNK)
+        if not chunk:
+            data = None if parts is None else parts[0] if len(parts) == 1 else b"".join(parts)
+            return h.digest(), n, data
+        h.update(chunk)
+        n += len(chunk)
+        if parts is not None:
+            if n <= keep:
+                parts.append(chunk)
+            else:
+                parts = None
+
+
 def new_hasher() -> "blake3":
     """A fresh incremental hasher."""
     return blake3()

@@ -14,6 +14,7 @@ from fleetsync import paths
 from fleetsync.detect import Detector
 from fleetsync.detect.inotify import InotifyDetector
 from fleetsync.detect.scan import ScanDetector
+from fleetsync.index.hot import HotBlobs
 from fleetsync.index.indexer import Indexer
 from fleetsync.journal.sqlite import SqliteJournal
 from fleetsync.ops import publish
@@ -37,8 +38,9 @@ class Origin:
         self.root = os.path.abspath(root)
         self.journal = SqliteJournal(os.path.join(state_dir, "origin.db"), durable=True, content_index=False)
         rules = paths.IgnoreRules(tuple(ignore) if ignore is not None else paths.DEFAULT_IGNORE)
+        self.hot = HotBlobs()
         self.indexer = Indexer(self.root, self.journal, settle=settle, ignore=rules, allow_empty=allow_empty,
-                               on_commit=self._committed, scan_rate=reconcile_rate)
+                               on_commit=self._committed, scan_rate=reconcile_rate, hot=self.hot)
         self.scan_interval, self.scan_rate = scan_interval, scan_rate
         self.fallback_scan: ScanDetector | None = None
         self._detecting = False
@@ -47,7 +49,8 @@ class Origin:
         self.retain = retain
         self.started = time.time()
         self.server = ServerState(self.journal, self.root, token=token, role="origin",
-                                  extra_status=self._status, extra_routes=publish.routes(self.indexer, token))
+                                  extra_status=self._status, extra_routes=publish.routes(self.indexer, token),
+                                  hot=self.hot)
         self._stop = asyncio.Event()
 
     def _make_detector(self, kind: str) -> Detector:
@@ -95,6 +98,8 @@ class Origin:
                 "overflows": getattr(self.detector, "overflows", 0),
                 "scan": {"running": self.indexer.scanning, "checked": self.indexer.scan_checked,
                          "differ": self.indexer.scan_differ},
+                "hot_blobs": {"items": len(self.hot), "bytes": self.hot.nbytes, "hits": self.hot.hits,
+                              "misses": self.hot.misses},
                 "uptime": round(time.time() - self.started, 1)}
 
     def stop(self) -> None:

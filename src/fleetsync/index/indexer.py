@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from fleetsync import paths
 from fleetsync.entry import DELETE, DIR, FILE, LINK, MOVE, PUT, Entry, entry_from_stat, kind_of
 from fleetsync.errors import RootVanished
-from fleetsync.hashing import hash_fd
+from fleetsync.hashing import hash_fd_keep
+from fleetsync.index.hot import HotBlobs
 from fleetsync.journal.sqlite import Change, LocalStat, SqliteJournal
 from fleetsync.replica.fsops import ConfinedRoot
 
@@ -55,8 +56,11 @@ class Indexer:
 
     def __init__(self, root: str, journal: SqliteJournal, *, settle: float = 0.2, open_timeout: float = 60.0,
                  ignore: paths.IgnoreRules | None = None, allow_empty: bool = False, scan_rate: float = 0.0,
-                 on_commit: Callable[[int], None] | None = None, close_events: bool = True) -> None:
+                 on_commit: Callable[[int], None] | None = None, close_events: bool = True,
+                 hot: HotBlobs | None = None) -> None:
         self.root = os.fsencode(os.path.abspath(root))
+        #: Where the content of small files just hashed is kept for the replicas (None: not kept).
+        self.hot = hot
         self.fs = ConfinedRoot(self.root, cache=False)
         self.j = journal
         self.settle = settle
@@ -455,7 +459,7 @@ class Indexer:
                 o.unstable = True
                 continue
             try:
-                digest, n = hash_fd(fd)
+                digest, n, data = hash_fd_keep(fd, self.hot.item_max if self.hot is not None else -1)
                 st2 = os.fstat(fd)
             finally:
                 os.close(fd)
@@ -465,6 +469,8 @@ class Indexer:
                 continue
             o.entry = entry_from_stat(st, hash_=digest)
             o.hashed = True
+            if data is not None and self.hot is not None:
+                self.hot.put(digest, data)
         if not self.close_events:
             # No close events (the scanner): a writer may have opened the file (O_TRUNC) before
             # our lstat and stalled for longer than the settle window; a cached view of /proc

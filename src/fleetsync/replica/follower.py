@@ -110,8 +110,6 @@ class Replica:
         self._sweep = self.journal.meta("inflight") is not None
         #: Directories that may still hold replaced versions under temp names (after a crash).
         self._sweep_dirs = {b"" if d == "." else bytes.fromhex(d) for d in (self.journal.meta("trash") or "").split()}
-        #: Unlinking the previous batch's replaced versions, off the critical path.
-        self._cleanup: asyncio.Future[OSError | None] | None = None
         self.on_applied: list[Callable[[], None]] = []
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -121,7 +119,6 @@ class Replica:
 
     async def close(self) -> None:
         """Release resources."""
-        await self._finish_cleanup()
         await self.client.close()
         if self._pool is not None:
             self._pool.shutdown(wait=True)
@@ -183,7 +180,7 @@ class Replica:
     # -- bootstrap / resync ----------------------------------------------------------------------
     async def resync(self, *, bootstrap: bool) -> None:
         """Make the tree equal to the upstream's manifest snapshot (diff, not re-download)."""
-        await self._finish_cleanup()
+        self._cleanup_done()
         jid, seq, entries = await self.client.snapshot()
         log.info("%s from %s at seq %d", "bootstrapping" if bootstrap else "resyncing", self.upstream, seq)
         stage = SnapshotStage(self.journal)
@@ -374,7 +371,6 @@ class Replica:
     async def apply_batch(self, records: list[Record]) -> int:
         """Apply a prefix of records durably; returns how many were applied."""
         recs = self._cut(records)
-        await self._finish_cleanup()
         if self._sweep or self._sweep_dirs:
             # Named temps (filesystems without O_TMPFILE) are written in the root, then renamed;
             # replaced versions wait under temp names until the batch after theirs.
@@ -411,26 +407,28 @@ class Replica:
             await pipe.close(ok)
             if not ok:
                 self.fs.flush_trash(strict=False)
+        # The old versions of replaced files are unlinked after the cursor commit, overlapping the
+        # next batch (they are not at any served path any more); the previous batch's are gone
+        # before this commit replaces the meta key that lets a restart sweep them after a crash.
+        self._cleanup_done()
         trash = self.fs.take_trash()
-        self.fs.sync()
-        # The old versions of replaced files are unlinked after the cursor commit (they are not
-        # at any served path any more); the meta key lets a restart sweep them after a crash.
-        self.journal.apply_records(recs, meta={"inflight": None,
-                                               "trash": " ".join({d.hex() or "." for _, d, _ in trash}) or None})
-        if trash:
-            self._cleanup = asyncio.get_running_loop().run_in_executor(None, ConfinedRoot.drop_trash, trash)
+        try:
+            self.fs.sync()
+            self.journal.apply_records(recs, meta={"inflight": None,
+                                                   "trash": " ".join({d.hex() or "." for _, d, _ in trash}) or None})
+        except BaseException:
+            ConfinedRoot.drop_trash(trash)
+            raise
+        self.fs.start_cleanup(trash)
         self.stats.batches += 1
         self.stats.records += len(recs)
         for cb in self.on_applied:
             cb()
         return len(recs)
 
-    async def _finish_cleanup(self) -> None:
-        """Wait until the previous batch's replaced versions are unlinked."""
-        if self._cleanup is None:
-            return
-        fut, self._cleanup = self._cleanup, None
-        err = await fut
+    def _cleanup_done(self) -> None:
+        """Wait until the previous batch's replaced versions are unlinked (normally long done)."""
+        err = self.fs.wait_cleanup()
         if err is not None:
             log.warning("replica %s: removing replaced versions: %s (swept after a restart)", self.id, err)
 

@@ -18,6 +18,7 @@ import shutil
 import stat
 import threading
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from fleetsync import paths
@@ -60,6 +61,9 @@ class ConfinedRoot:
         #: (descriptor of its directory, its directory's path, temp name) of each replaced version
         #: not yet unlinked.
         self._trash: list[tuple[int, bytes, bytes]] = []
+        #: The previous batch's old versions being unlinked in the background (see start_cleanup).
+        self._cleaning: Future[OSError | None] | None = None
+        self._cleaner: ThreadPoolExecutor | None = None
         self._hints: CachedReader | None = None
 
     def close(self) -> None:
@@ -67,6 +71,8 @@ class ConfinedRoot:
         try:
             self.flush_trash(strict=False)
         finally:
+            if self._cleaner is not None:
+                self._cleaner.shutdown(wait=True)
             self.forget_dirs()
         if self._hints is not None:
             self._hints.close()
@@ -394,10 +400,28 @@ class ConfinedRoot:
         return err
 
     def flush_trash(self, strict: bool = True) -> None:
-        """Unlink the replaced versions now (errors raised if strict)."""
-        err = self.drop_trash(self.take_trash())
+        """Unlink the replaced versions now, and wait for a background cleanup (errors raised if strict)."""
+        err = self.wait_cleanup()
+        err = self.drop_trash(self.take_trash()) or err
         if err is not None and strict:
             raise FleetsyncError(f"removing a replaced version under {self.root!r}: {err}") from err
+
+    def start_cleanup(self, trash: list[tuple[int, bytes, bytes]]) -> None:
+        """Unlink take_trash()'s old versions on a background thread (after the previous cleanup).
+
+        Only unique temp names are unlinked, through descriptors of their directories, so this
+        overlaps with later writes; removing or renaming a directory waits for it first.
+        """
+        if not trash:
+            return
+        if self._cleaner is None:
+            self._cleaner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fleetsync-cleanup")
+        self._cleaning = self._cleaner.submit(self.drop_trash, trash)
+
+    def wait_cleanup(self) -> OSError | None:
+        """Wait for the background cleanup, if any; its first error (the temps are swept on restart)."""
+        fut, self._cleaning = self._cleaning, None
+        return fut.result() if fut is not None else None
 
     def write_file(self, path: bytes, data: bytes, e: Entry) -> None:
         """Atomically place verified content at path."""
@@ -484,6 +508,7 @@ class ConfinedRoot:
         except (FileNotFoundError, NotADirectoryError, UnsafePath):
             return
         if stat.S_ISDIR(st.st_mode):
+            self.wait_cleanup()  # rmtree must not race the unlink of a temp inside
             self.forget_dirs()
             dfd, nm = self._at(path)
             shutil.rmtree(nm, dir_fd=dfd)
@@ -528,6 +553,7 @@ class ConfinedRoot:
             dfd = self.dir_fd(dpath)
         except (OSError, UnsafePath):
             return 0
+        self.wait_cleanup()
         n = 0
         for nm in map(os.fsencode, os.listdir(dfd)):
             if nm.startswith(paths.TEMP_PREFIX) and nm.endswith(paths.TEMP_SUFFIX):

@@ -20,7 +20,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -32,6 +32,9 @@ from fleetsync.journal.sqlite import SqliteJournal
 from fleetsync.replica.fsops import CachedReader
 from fleetsync.transport import chunks, compress
 from fleetsync.transport.wire import API, BATCH_BLOB_MAX, BATCH_MAX_HASHES, CHANGED, GONE, OK, TOO_LARGE, frame_header
+
+if TYPE_CHECKING:
+    from fleetsync.index.hot import HotBlobs
 
 log = logging.getLogger("fleetsync.server")
 FEED_MAX_LIMIT = 10000
@@ -126,6 +129,8 @@ class ServerState:
     extra_status: Callable[[], dict[str, Any]] = field(default=lambda: {})
     extra_routes: list[web.RouteDef] = field(default_factory=list)
     followers: dict[str, Follower] = field(default_factory=dict)
+    #: Content just hashed by the origin's indexer, served without reading the file again.
+    hot: HotBlobs | None = None
 
     def __post_init__(self) -> None:
         self._changed = asyncio.Event()
@@ -171,6 +176,10 @@ class ServerState:
 
     def read_small(self, digest: bytes, hint: bytes | None = None) -> tuple[int, bytes]:
         """Read a small blob by hash (at the hinted path if it still has it) from the tree, verified: (status, data)."""
+        if self.hot is not None:
+            data = self.hot.get(digest)
+            if data is not None:
+                return OK, data
         cands = self._lookup.find(digest, hint)
         if not cands:
             return GONE, b""

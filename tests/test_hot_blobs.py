@@ -1,0 +1,87 @@
+"""The origin serves content its indexer just hashed from memory: one disk read for every replica."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import pytest
+
+from fleetsync.hashing import hash_bytes, hash_fd_keep
+from fleetsync.index.hot import HotBlobs
+from fleetsync.index.indexer import Indexer
+from fleetsync.journal.sqlite import SqliteJournal
+from fleetsync.transport.client import UpstreamClient
+from fleetsync.transport.wire import OK
+from tests.helpers.apiserver import ApiServer
+
+
+def test_fifo_budget_and_item_limit() -> None:
+    h = HotBlobs(max_bytes=10, item_max=6)
+    h.put(b"a", b"12345")
+    h.put(b"b", b"1234")
+    h.put(b"big", b"1234567")  # over item_max: not kept
+    assert h.get(b"a") == b"12345" and h.get(b"b") == b"1234" and h.get(b"big") is None
+    h.put(b"c", b"123")  # 12 bytes > 10: the oldest goes
+    assert h.get(b"a") is None and h.get(b"c") == b"123" and h.nbytes == 7 and len(h) == 2
+    assert (h.hits, h.misses) == (3, 2)
+
+
+@pytest.mark.parametrize("size", [0, 1, 1 << 20, (1 << 20) + 1, 3 << 20])
+def test_hash_fd_keep_returns_content_up_to_the_limit(tmp_path: Path, size: int) -> None:
+    data = os.urandom(size)
+    (tmp_path / "f").write_bytes(data)
+    fd = os.open(tmp_path / "f", os.O_RDONLY)
+    try:
+        digest, n, kept = hash_fd_keep(fd, 2 << 20)
+    finally:
+        os.close(fd)
+    assert digest == hash_bytes(data) and n == size
+    assert kept == (data if size <= 2 << 20 else None)
+
+
+def test_indexer_keeps_what_it_hashed(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "a.html").write_bytes(b"<p>a</p>")
+    (root / "big.bin").write_bytes(os.urandom(300))
+    j = SqliteJournal(str(tmp_path / "o.db"), content_index=False)
+    hot = HotBlobs(item_max=100)
+    ix = Indexer(str(root), j, settle=0.0, hot=hot)
+    for name in (b"a.html", b"big.bin"):
+        ix.changed(name, closed=True)
+
+    async def run() -> None:
+        await asyncio.sleep(0.01)
+        await ix.process_ready()
+    asyncio.run(run())
+    assert j.get(b"a.html") is not None and j.get(b"big.bin") is not None
+    assert hot.get(hash_bytes(b"<p>a</p>")) == b"<p>a</p>"
+    assert len(hot) == 1  # big.bin is over item_max
+    j.close()
+
+
+async def test_server_answers_from_the_hot_cache_without_the_file(tmp_path: Path) -> None:
+    o = ApiServer(tmp_path, content_index=False)
+    o.state.hot = HotBlobs()
+    await o.start()
+    try:
+        kept = o.put("d/kept.css", b"body{}")
+        other = o.put("d/other.css", b"p{}")
+        o.state.hot.put(kept.hash, b"body{}")
+        # The file changed after it was hashed: the cached bytes are still exactly the requested
+        # version (a newer record follows); without the cache the same request reports the change.
+        (o.root / "d/kept.css").write_bytes(b"body{color:red}")
+        os.unlink(o.root / "d/other.css")
+        c = UpstreamClient(o.url, replica_id="t")
+        try:
+            got = [(d, st, data) async for d, st, data in c.blobs([kept.hash, other.hash],
+                                                                   [b"d/kept.css", b"d/other.css"])]
+        finally:
+            await c.close()
+        assert got[0] == (kept.hash, OK, b"body{}")
+        assert got[1][0] == other.hash and got[1][1] != OK
+        assert o.state.hot.hits == 1
+    finally:
+        await o.stop()
