@@ -26,13 +26,21 @@ def hash_fd(fd: int) -> tuple[bytes, int]:
         n += len(chunk)
 
 
-def hash_fd_keep(fd: int, keep: int) -> tuple[bytes, int, bytes | None]:
-    """hash_fd() that also returns the content when the file has at most `keep` bytes (else None)."""
+def hash_fd_keep(fd: int, keep: int, size_hint: int = CHUNK) -> tuple[bytes, int, bytes | None]:
+    """hash_fd() that also returns the content when the file has at most `keep` bytes (else None).
+
+    The first read asks for size_hint + 1 bytes (the file's expected size), so a small file's
+    content is one exact-size allocation: a kept 1 MiB read buffer shrunk in place would pin
+    freed heap around it and grow the process (measured: 256 MB instead of 100 MB after indexing
+    100k files).
+    """
     h = blake3()
     n = 0
     parts: list[bytes] | None = []
+    want = min(CHUNK, max(size_hint, 0) + 1)
     while True:
-        chunk = os.read(fd, CHUNK)
+        chunk = os.read(fd, want)
+        want = CHUNK
         if not chunk:
             data = None if parts is None else parts[0] if len(parts) == 1 else b"".join(parts)
             return h.digest(), n, data

@@ -459,7 +459,8 @@ class Indexer:
                 o.unstable = True
                 continue
             try:
-                digest, n, data = hash_fd_keep(fd, self.hot.item_max if self.hot is not None else -1)
+                digest, n, data = hash_fd_keep(fd, self.hot.item_max if self.hot is not None else -1,
+                                               st.st_size)
                 st2 = os.fstat(fd)
             finally:
                 os.close(fd)
