@@ -587,7 +587,13 @@ class FanotifyDetector:
         """Remove every ignore mark (a directory may have moved into the root)."""
         if self.ignored_dirs > 0 and self._fd >= 0:
             if _libc().fanotify_mark(self._fd, FAN_MARK_FLUSH, 0, AT_FDCWD, None) != 0:
-                raise _oserror("fanotify_mark(FAN_MARK_FLUSH) of the ignore marks")
+                # Not seen in practice; the root is rescanned so nothing already changed is lost.
+                log.error("fanotify: %s; rescanning the root, restart the origin if a directory was "
+                          "moved into it from elsewhere on the filesystem",
+                          _oserror("fanotify_mark(FAN_MARK_FLUSH) of the ignore marks"))
+                self.ignored_dirs = -1
+                self._fallback_rescan(b"")
+                return
             self.ignored_dirs = 0
 
     def submounts(self) -> list[bytes]:

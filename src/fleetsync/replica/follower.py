@@ -430,7 +430,8 @@ class Replica:
         """Wait until the previous batch's replaced versions are unlinked (normally long done)."""
         err = self.fs.wait_cleanup()
         if err is not None:
-            log.warning("replica %s: removing replaced versions: %s (swept after a restart)", self.id, err)
+            log.warning("replica %s: removing replaced versions: %s (left under .fleetsync.*.tmp names, "
+                        "which every walk ignores)", self.id, err)
 
     def _unchanged_on_disk(self, r: Record) -> bool:
         """Manifest says path already has this content and the disk agrees (a mode/mtime-only change)."""

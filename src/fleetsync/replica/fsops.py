@@ -419,7 +419,7 @@ class ConfinedRoot:
         self._cleaning = self._cleaner.submit(self.drop_trash, trash)
 
     def wait_cleanup(self) -> OSError | None:
-        """Wait for the background cleanup, if any; its first error (the temps are swept on restart)."""
+        """Wait for the background cleanup, if any; returns its first error."""
         fut, self._cleaning = self._cleaning, None
         return fut.result() if fut is not None else None
 
