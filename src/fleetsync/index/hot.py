@@ -12,7 +12,7 @@ import threading
 from collections import OrderedDict
 
 #: Default budget of cached content bytes.
-HOT_BYTES = 16 << 20
+HOT_BYTES = 4 << 20
 #: Files larger than this are not kept.
 HOT_ITEM_MAX = 1 << 20
 
