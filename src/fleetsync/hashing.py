@@ -16,14 +16,8 @@ def hash_bytes(data: bytes) -> bytes:
 
 def hash_fd(fd: int) -> tuple[bytes, int]:
     """Hash an open file from its current offset to EOF; returns (digest, bytes read)."""
-    h = blake3()
-    n = 0
-    while True:
-        chunk = os.read(fd, CHUNK)
-        if not chunk:
-            return h.digest(), n
-        h.update(chunk)
-        n += len(chunk)
+    digest, n, _ = hash_fd_keep(fd, -1)
+    return digest, n
 
 
 def hash_fd_keep(fd: int, keep: int, size_hint: int = CHUNK) -> tuple[bytes, int, bytes | None]:
