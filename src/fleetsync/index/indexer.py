@@ -81,6 +81,10 @@ class Indexer:
         self._wake = asyncio.Event()
         self._shadow: dict[bytes, Entry | None] = {}
         self._inflight = 0
+        #: Paths of the batch being observed: a move read meanwhile re-hints them at their new place.
+        self._flight: list[bytes] = []
+        #: Directory moves read while a rescan runs: its hints in transit may name the old place.
+        self._scan_moves: list[tuple[bytes, bytes]] = []
         self._held: set[tuple[int, int]] | None = None
         self._held_at = -1.0
         self.records_written = 0
@@ -126,6 +130,13 @@ class Indexer:
         # Carry pending hints along with the rename.
         for p in [p for p in self.pending if paths.is_under(p, old)]:
             self.pending[paths.rebase(p, old, new)] = self.pending.pop(p)
+        # The batch being observed may look at a path after this rename happened on disk (gone,
+        # and unknown to the manifest if new): have it looked at again where it is now.
+        for p in self._flight:
+            if paths.is_under(p, old):
+                self.changed(paths.rebase(p, old, new))
+        if is_dir and self.scanning:
+            self._scan_moves.append((old, new))
         if self.ignore.ignored(old):
             self.changed(new, closed=True)
             return
@@ -161,13 +172,21 @@ class Indexer:
         self._wake.set()
 
     def _scan_hint(self, path: bytes) -> None:
-        if path not in self.pending:
-            now = time.monotonic()
-            self.pending[path] = Pending(now, False, now)
-            self._wake.set()
+        # A directory move read since the walk started may have happened after the walk listed
+        # this path: look there too (a hint is only checked, so a redundant one costs one lstat).
+        hints = [path]
+        for old, new in self._scan_moves:
+            hints += [paths.rebase(h, old, new) for h in hints if paths.is_under(h, old)]
+        now = time.monotonic()
+        for h in hints:
+            if h not in self.pending:
+                self.pending[h] = Pending(now, False, now)
+        self._wake.set()
 
     def _scan_done(self) -> None:
         self.scanning -= 1
+        if not self.scanning:
+            self._scan_moves.clear()
         self._wake.set()
 
     # -- scanning (runs in a thread) -------------------------------------------------------------
@@ -376,6 +395,7 @@ class Indexer:
         for p in ready:
             del self.pending[p]
         self._inflight = len(ready)
+        self._flight = ready
         try:
             loop = asyncio.get_running_loop()
             ready.sort()
@@ -393,6 +413,7 @@ class Indexer:
             raise
         finally:
             self._inflight = 0
+            self._flight = []
         return 0.0 if len(ready) >= BATCH else delay
 
     def _commit(self, changes: list[Change]) -> None:

@@ -1,0 +1,100 @@
+"""Indexer races: a rename read while a batch is being observed must not lose what the batch held."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+from fleetsync.entry import DIR, FILE
+from fleetsync.index.indexer import Indexer
+from fleetsync.journal.sqlite import SqliteJournal
+
+
+def _indexer(tmp_path: Path) -> tuple[Path, SqliteJournal, Indexer]:
+    root = tmp_path / "root"
+    (root / "a").mkdir(parents=True)
+    j = SqliteJournal(str(tmp_path / "o.db"), content_index=False)
+    return root, j, Indexer(str(root), j, settle=0.0)
+
+
+async def _settle(ix: Indexer) -> None:
+    """Run batches until no hint or move is left."""
+    for _ in range(50):
+        await asyncio.sleep(0.005)
+        await ix.process_ready()
+        if not ix.pending and not ix._moves and not ix.scanning:
+            return
+    raise AssertionError(f"indexer did not settle: pending {list(ix.pending)}")
+
+
+@pytest.mark.parametrize("what", ["dir", "file", "nested"])
+def test_directory_rename_during_observation_keeps_the_new_entry(tmp_path: Path, what: str) -> None:
+    """a/x is being looked at when a -> b happens (and is reported): b/x must still be recorded.
+
+    Without carrying the batch's in-flight paths along with the move, a/x is found gone (the
+    manifest never knew it, so nothing is recorded) and the move a -> b knows nothing under a.
+    """
+    root, j, ix = _indexer(tmp_path)
+    ix.changed(b"a", closed=True)
+    asyncio.run(_settle(ix))
+    assert j.get(b"a") is not None and j.get(b"a").kind == DIR
+
+    target = b"a/x/y" if what == "nested" else b"a/x"
+    if what == "file":
+        (root / "a" / "x").write_bytes(b"content")
+    else:
+        (root / "a" / "x" / "y" if what == "nested" else root / "a" / "x").mkdir(parents=True)
+    ix.changed(target, closed=True)
+
+    real_observe = ix._observe
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        reported = threading.Event()
+
+        def observe(ready, known):  # type: ignore[no-untyped-def]
+            # The rename happens on disk and its event is dispatched (on the loop) before the
+            # worker thread looks at the batch.
+            os.rename(root / "a", root / "b")
+            loop.call_soon_threadsafe(lambda: (ix.moved(b"a", b"b", True), reported.set()))
+            assert reported.wait(5)
+            return real_observe(ready, known)
+
+        ix._observe = observe  # type: ignore[method-assign]
+        await asyncio.sleep(0.005)
+        await ix.process_ready()
+        ix._observe = real_observe  # type: ignore[method-assign]
+        await _settle(ix)
+
+    asyncio.run(run())
+    moved = b"b" + target[1:]
+    got = j.get(moved)
+    assert got is not None, f"{moved!r} lost: manifest has {sorted(r[0] for r in j.iter_local(b''))}"
+    assert got.kind == (FILE if what == "file" else DIR)
+    assert j.get(target) is None and j.get(b"a") is None
+    if what == "nested":
+        assert j.get(b"b/x") is not None
+
+
+def test_rescan_hint_in_transit_across_a_directory_move(tmp_path: Path) -> None:
+    """A rescan listed a/x, then a -> b was read before the hint reached the loop: b/x is recorded."""
+    root, j, ix = _indexer(tmp_path)
+    ix.changed(b"a", closed=True)
+    asyncio.run(_settle(ix))
+    (root / "a" / "x").mkdir()
+
+    async def run() -> None:
+        ix.scanning += 1  # a rescan thread is walking; it has listed a/x
+        os.rename(root / "a", root / "b")
+        ix.moved(b"a", b"b", True)  # the move is dispatched first ...
+        ix._scan_hint(b"a/x")  # ... then the walk's hint arrives, naming the old place
+        ix._scan_done()
+        assert not ix._scan_moves  # forgotten once no rescan runs
+        await _settle(ix)
+
+    asyncio.run(run())
+    assert j.get(b"b/x") is not None and j.get(b"a") is None
