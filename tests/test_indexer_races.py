@@ -98,3 +98,31 @@ def test_rescan_hint_in_transit_across_a_directory_move(tmp_path: Path) -> None:
 
     asyncio.run(run())
     assert j.get(b"b/x") is not None and j.get(b"a") is None
+
+
+@pytest.mark.parametrize("known", [False, True])
+def test_directory_move_reported_after_the_batch(tmp_path: Path, known: bool) -> None:
+    """a -> b happened before a/x was looked at, but its event is read only after that batch.
+
+    The batch finds a/x gone (records its deletion if the manifest knew it); the late move must
+    still have b/x looked at, or b/x is missing everywhere.
+    """
+    root, j, ix = _indexer(tmp_path)
+    ix.changed(b"a", closed=True)
+    if known:
+        (root / "a" / "x").write_bytes(b"v1")
+        ix.changed(b"a/x", closed=True)
+    asyncio.run(_settle(ix))
+    (root / "a" / "x").write_bytes(b"v2")
+    ix.changed(b"a/x", closed=True)
+    os.rename(root / "a", root / "b")
+
+    async def run() -> None:
+        await asyncio.sleep(0.005)
+        await ix.process_ready()  # a/x: gone
+        ix.moved(b"a", b"b", True)  # the delayed event
+        await _settle(ix)
+
+    asyncio.run(run())
+    got = j.get(b"b/x")
+    assert got is not None and got.kind == FILE and j.get(b"a/x") is None

@@ -29,6 +29,9 @@ log = logging.getLogger("fleetsync.index")
 
 BATCH = 2000
 MAX_PENDING_SCAN = 20000
+#: How long (and how many) paths found gone are remembered for a directory move reported late.
+VANISHED_KEEP = 10.0
+VANISHED_MAX = 20000
 
 
 @dataclass(slots=True)
@@ -83,6 +86,9 @@ class Indexer:
         self._inflight = 0
         #: Paths of the batch being observed: a move read meanwhile re-hints them at their new place.
         self._flight: list[bytes] = []
+        #: Paths recently found gone (path -> when): a directory move read later than it happened
+        #: (an event delayed in the detector) re-hints them at the new place too.
+        self._vanished: dict[bytes, float] = {}
         #: Directory moves read while a rescan runs: its hints in transit may name the old place.
         self._scan_moves: list[tuple[bytes, bytes]] = []
         self._held: set[tuple[int, int]] | None = None
@@ -134,6 +140,10 @@ class Indexer:
         # and unknown to the manifest if new): have it looked at again where it is now.
         for p in self._flight:
             if paths.is_under(p, old):
+                self.changed(paths.rebase(p, old, new))
+        if is_dir and self._vanished:
+            for p in [p for p in self._vanished if paths.is_under(p, old)]:
+                del self._vanished[p]
                 self.changed(paths.rebase(p, old, new))
         if is_dir and self.scanning:
             self._scan_moves.append((old, new))
@@ -406,6 +416,7 @@ class Indexer:
             # Anything touched again while we were hashing is not settled: drop the result, keep the hint.
             self.drain()
             obs = [o for o in obs if o.path not in self.pending]
+            self._remember_vanished(obs)
             self._commit(self._changes(obs, known))
         except BaseException:
             for p in ready:  # nothing of this batch was committed: keep every hint
@@ -415,6 +426,19 @@ class Indexer:
             self._inflight = 0
             self._flight = []
         return 0.0 if len(ready) >= BATCH else delay
+
+    def _remember_vanished(self, obs: list[_Obs]) -> None:
+        """Keep the paths this batch found gone for VANISHED_KEEP seconds (at most VANISHED_MAX)."""
+        now = time.monotonic()
+        if self._vanished and (len(self._vanished) > VANISHED_MAX
+                               or now - next(iter(self._vanished.values())) > VANISHED_KEEP):
+            self._vanished = {p: t for p, t in self._vanished.items() if now - t <= VANISHED_KEEP}
+            while len(self._vanished) > VANISHED_MAX:
+                del self._vanished[next(iter(self._vanished))]
+        for o in obs:
+            if o.st is None and not o.unstable:
+                self._vanished.pop(o.path, None)
+                self._vanished[o.path] = now
 
     def _commit(self, changes: list[Change]) -> None:
         if changes:
