@@ -154,6 +154,9 @@ class Executor:
             k += 1
         while len(files) < min_files:
             rel = os.path.join(rng.choice(dirs), b"seeded%d-%d.html" % (seed % 1000, k))
+            if os.path.lexists(self._abs(rel)):  # e.g. an earlier example's symlink renamed over it
+                k += 1
+                continue
             with open(self._abs(rel), "wb") as f:
                 f.write(self._data(rng.randint(0, 20000), rng.getrandbits(32)))
             made.append(f"create {rel!r}")
