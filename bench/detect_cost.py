@@ -9,7 +9,9 @@ For each tree size N:
    CPU time (utime+stime of the whole process, all threads). One more round runs under
    `strace -f -c -p PID` for the total syscall count and the top syscalls. The goal is that these
    figures do not grow with N (1M vs 100k within 20%).
-2. **Idle CPU.** The origin's CPU over `--idle-seconds` with no changes (and no status polls).
+2. **Idle CPU.** The origin's CPU over `--idle-seconds` with no changes (and no status polls), then
+   again while a neighbour process writes `--noise-rate` files/s outside the root on the same
+   filesystem (what a filesystem-wide fanotify mark hears).
 3. **Start-up reconcile.** Stop the origin, change `--round-size` files while it is down, restart
    it and time until `scan.running == 0 and pending == 0`, warm and cold cache (drop_caches),
    next to `find ROOT -newer STAMP` and `rsync -a --delete --dry-run -i ROOT/ MIRROR/` on the same
@@ -470,7 +472,43 @@ def measure_rounds(o: Origin, corpus: Corpus, args: argparse.Namespace, base: st
     d["cpu_pct"] = round(100 * d["cpu_s"] / d["wall_s"], 3)
     res["idle"] = d
     log(f"{tag}: idle: {d}")
+    if args.noise_rate > 0:
+        # Idle root, busy neighbour: another process writes files on the same filesystem, outside
+        # the root (a filesystem-wide fanotify mark hears them; they must cost the origin ~nothing).
+        noise_dir = os.path.join(base, "neighbour")
+        log(f"{tag}: idle CPU over {args.idle_seconds}s while a neighbour writes {args.noise_rate:g} files/s "
+            f"in {noise_dir}")
+        a = sample(o.pid)
+        written = neighbour_writes(noise_dir, args.noise_rate, args.idle_seconds)
+        b = sample(o.pid)
+        d = delta(a, b)
+        d["cpu_pct"] = round(100 * d["cpu_s"] / d["wall_s"], 3)
+        d["neighbour_files"] = written
+        res["idle_noise"] = d
+        log(f"{tag}: idle with neighbour writes: {d}")
+        shutil.rmtree(noise_dir, ignore_errors=True)
     return res
+
+
+def neighbour_writes(top: str, rate: float, seconds: float) -> int:
+    """Write (create, rewrite, rename, delete) small files under top at `rate` files/s for `seconds`."""
+    os.makedirs(top, exist_ok=True)
+    t0 = time.monotonic()
+    n = 0
+    while (el := time.monotonic() - t0) < seconds:
+        if n > el * rate:
+            time.sleep(min(0.01, seconds - el))
+            continue
+        d = os.path.join(top, f"d{n % 20}")
+        os.makedirs(d, exist_ok=True)
+        p = os.path.join(d, f"f{n % 500}")
+        with open(p + ".tmp", "wb") as f:
+            f.write(b"x" * (n % 4096))
+        os.replace(p + ".tmp", p)
+        if n % 10 == 0:
+            os.unlink(p)
+        n += 1
+    return n
 
 
 # -- one size ----------------------------------------------------------------------------------------
@@ -590,6 +628,11 @@ def markdown(results: list[dict[str, Any]]) -> str:
             + (" | | |" if len(have) >= 2 else " |"))
         lines.append("| idle CPU % of one core (goal < 1) | " + " | ".join(
             f"{r['per_detector'][det]['idle']['cpu_pct']:.2f}" for r in have) + (" | | |" if len(have) >= 2 else " |"))
+        if all("idle_noise" in r["per_detector"][det] for r in have):
+            lines.append("| idle CPU % while a neighbour writes outside the root (goal < 1) | " + " | ".join(
+                f"{r['per_detector'][det]['idle_noise']['cpu_pct']:.2f} "
+                f"({r['per_detector'][det]['idle_noise']['neighbour_files'] / r['per_detector'][det]['idle_noise']['wall_s']:.0f} files/s)"
+                for r in have) + (" | | |" if len(have) >= 2 else " |"))
         lines.append("")
     lines.append("| start-up reconcile after 1,000 changes while down | cache | N | fleetsync origin | "
                  "find -newer | rsync -a --dry-run |")
@@ -625,6 +668,9 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--round-size", type=int, default=1000)
     p.add_argument("--idle-seconds", type=float, default=60.0)
+    p.add_argument("--noise-rate", type=float, default=200.0,
+                   help="files/s a neighbour writes outside the root (same filesystem) during a second idle "
+                        "measurement (0: skip it)")
     p.add_argument("--status-probe", type=int, default=3, help="uncached status calls used to price one")
     p.add_argument("--mirror", default="auto", choices=["auto", "cp", "sparse", "none"],
                    help="rsync mirror: cp -a, sparse (same names/sizes/mtimes, no data), none (skip rsync); "
