@@ -4,7 +4,8 @@ Two incremental passes, run in a background thread:
 
 * **structure** — lstat every known directory; only a directory whose inode or ctime changed since
   the scanner last listed it is listed again, and its names are compared with the manifest
-  (adds, deletes, renames). Unchanged directories are pruned: one lstat, no readdir.
+  (adds, deletes, renames; every symlink in it is checked, a same-name replacement changes no
+  name). Unchanged directories are pruned: one lstat, no readdir.
 * **edits** — lstat the manifest's files in path order, at most `rate` per second, resuming where
   the previous pass stopped; a size/mtime/ctime/inode difference becomes a hint.
 
@@ -24,7 +25,7 @@ from collections.abc import Callable
 
 from fleetsync import paths
 from fleetsync.detect import HintSink
-from fleetsync.entry import DIR
+from fleetsync.entry import DIR, LINK
 from fleetsync.journal.sqlite import SqliteJournal
 
 log = logging.getLogger("fleetsync.detect.scan")
@@ -123,15 +124,26 @@ class ScanDetector:
             self._listed[d] = ident
             try:
                 with os.scandir(os.path.join(self.root, d) if d else self.root) as it:
-                    names = {de.name: de.is_dir(follow_symlinks=False) for de in it}
+                    names: dict[bytes, bool] = {}
+                    links: set[bytes] = set()
+                    for de in it:
+                        names[de.name] = de.is_dir(follow_symlinks=False)
+                        if de.is_symlink():
+                            links.add(de.name)
             except OSError:
                 continue
             if not prime:
                 known = set(reader.children(d))
+                # A symlink replaced under the same name (by another symlink, or a file by a
+                # symlink and back) leaves the names as they were, and the edit pass only looks
+                # at regular files: every symlink of a changed directory is checked.
+                links |= set(reader.children(d, kind=LINK))
                 for n, is_dir in names.items():
                     p = paths.join(d, n)
                     if n not in known:
                         self._post(self._sink.rescan if is_dir else self._sink.changed, p)
+                    elif n in links:
+                        self._post(self._sink.changed, p)
                 for n in known - set(names):
                     self._post(self._sink.removed, paths.join(d, n))
                 if d:
