@@ -181,6 +181,10 @@ class SqliteJournal:
         rows = self.db.execute("SELECT path FROM manifest WHERE hash=? LIMIT ?", (digest, limit))
         return [r[0] for r in rows]
 
+    def get_many(self, paths: list[bytes]) -> dict[bytes, Entry]:
+        """get() for many paths in a few statements (absent paths are left out)."""
+        return {p: e for p, (e, _) in self.get_many_with_local(paths).items()}
+
     def empty(self) -> bool:
         """True if the manifest has no entries (O(1), unlike count())."""
         return self.db.execute("SELECT 1 FROM manifest LIMIT 1").fetchone() is None

@@ -55,6 +55,8 @@ class _Plan:
     #: (hash, path) pairs the upstream no longer has at that path: a later record supersedes them.
     gone: set[tuple[bytes, bytes]] = field(default_factory=set)
     local: dict[bytes, bytes] = field(default_factory=dict)
+    #: Manifest entries (before this batch) of every path a file record of the batch names.
+    known: dict[bytes, Entry] = field(default_factory=dict)
 
 
 class _Concurrent:
@@ -343,6 +345,9 @@ class Replica:
                 plan.skip.add(i)
             overwritten.add(r.path)
         moves.reverse()
+        # One query for the batch's manifest rows (the manifest changes only at the batch's commit).
+        plan.known = self.journal.get_many([r.path for r in recs if r.entry is not None and r.entry.kind == FILE])
+        elsewhere: list[Entry] = []
         for i, r in enumerate(recs):
             e = r.entry
             if i in plan.skip or e is None or e.kind != FILE or e.hash in plan.local:
@@ -360,12 +365,18 @@ class Replica:
                     plan.local[e.hash] = c
                     break
             else:
-                for c in self.journal.paths_with_hash(e.hash):
-                    m = self.journal.get(c)
-                    st = self.fs.lstat(c)
-                    if m and st and stat.S_ISREG(st.st_mode) and st.st_size == m.size and st.st_mtime_ns == m.mtime_ns:
-                        plan.local[e.hash] = c
-                        break
+                elsewhere.append(e)
+        # Content already held under another path (a copy, or a move shipped as delete + put).
+        for e in elsewhere:
+            assert e.hash is not None
+            if e.hash in plan.local:
+                continue
+            for c in self.journal.paths_with_hash(e.hash):
+                m = plan.known.get(c) or self.journal.get(c)
+                st = self.fs.lstat(c)
+                if m and st and stat.S_ISREG(st.st_mode) and st.st_size == m.size and st.st_mtime_ns == m.mtime_ns:
+                    plan.local[e.hash] = c
+                    break
         return plan
 
     async def apply_batch(self, records: list[Record]) -> int:
@@ -386,7 +397,7 @@ class Replica:
         for i, r in enumerate(recs):
             e = r.entry
             if (i not in plan.skip and e is not None and e.kind == FILE and e.hash not in plan.local
-                    and e.size <= BATCH_BLOB_MAX and not self._unchanged_on_disk(r)):
+                    and e.size <= BATCH_BLOB_MAX and not self._unchanged_on_disk(r, plan)):
                 assert e.hash is not None
                 pipe.want(e.hash, e, i, r.path)
         # Content streams in and is written by worker threads while records are applied in order.
@@ -433,11 +444,11 @@ class Replica:
             log.warning("replica %s: removing replaced versions: %s (left under .fleetsync.*.tmp names, "
                         "which every walk ignores)", self.id, err)
 
-    def _unchanged_on_disk(self, r: Record) -> bool:
+    def _unchanged_on_disk(self, r: Record, plan: _Plan) -> bool:
         """Manifest says path already has this content and the disk agrees (a mode/mtime-only change)."""
         e = r.entry
         assert e is not None
-        m = self.journal.get(r.path)
+        m = plan.known.get(r.path)
         if m is None or m.kind != FILE or m.hash != e.hash:
             return False
         st = self.fs.lstat(r.path)
@@ -479,7 +490,7 @@ class Replica:
         assert e.hash is not None
         if (e.hash, p) in plan.gone:
             return
-        if not moved and self._unchanged_on_disk(Record(0, PUT, p, e)):
+        if not moved and self._unchanged_on_disk(Record(0, PUT, p, e), plan):
             self.fs.set_attrs(p, e)
             return
         src = plan.local.get(e.hash)
