@@ -126,3 +126,37 @@ def test_directory_move_reported_after_the_batch(tmp_path: Path, known: bool) ->
     asyncio.run(run())
     got = j.get(b"b/x")
     assert got is not None and got.kind == FILE and j.get(b"a/x") is None
+
+
+def test_rescans_of_one_path_coalesce_and_the_last_request_is_answered(tmp_path: Path) -> None:
+    """Overflows ask for the root again and again: one walk at a time, plus one rerun for them all."""
+    root, j, ix = _indexer(tmp_path)
+    walks: list[bytes] = []
+    gate = threading.Event()
+    real = ix.diff_subtree
+
+    def diff(top: bytes):  # type: ignore[no-untyped-def]
+        walks.append(top)
+        if len(walks) == 1:
+            assert gate.wait(5)  # the first walk is slow
+        return real(top)
+
+    ix.diff_subtree = diff  # type: ignore[method-assign]
+
+    async def run() -> None:
+        ix.rescan(b"")
+        await asyncio.sleep(0.05)
+        (root / "late.html").write_bytes(b"made while the first walk ran")  # after it listed the root
+        for _ in range(5):
+            ix.rescan(b"")
+        assert ix.scanning == 2  # the running walk and one rerun
+        gate.set()
+        for _ in range(200):
+            await asyncio.sleep(0.01)
+            await ix.process_ready()
+            if not ix.scanning and not ix.pending:
+                break
+
+    asyncio.run(run())
+    assert walks == [b"", b""]
+    assert j.get(b"late.html") is not None

@@ -91,6 +91,8 @@ class Indexer:
         self._vanished: dict[bytes, float] = {}
         #: Directory moves read while a rescan runs: its hints in transit may name the old place.
         self._scan_moves: list[tuple[bytes, bytes]] = []
+        #: Paths being walked by a rescan -> whether another walk was asked for meanwhile.
+        self._walks: dict[bytes, bool] = {}
         self._held: set[tuple[int, int]] | None = None
         self._held_at = -1.0
         self.records_written = 0
@@ -158,7 +160,19 @@ class Indexer:
         self._wake.set()
 
     def rescan(self, path: bytes) -> None:
-        """Compare a subtree with the manifest (hints for everything that differs)."""
+        """Compare a subtree with the manifest (hints for everything that differs).
+
+        At most one walk per path runs at a time: a request for a path whose walk is running
+        makes it run once more when it ends (it then starts after every request it answers).
+        Queue overflows and unlocatable events on a busy filesystem ask for the whole root, often
+        several times a second; concurrent walks of a 1M-file root would only compete.
+        """
+        if path in self._walks:
+            if not self._walks[path]:
+                self._walks[path] = True
+                self.scanning += 1  # the rerun counts as pending work
+            return
+        self._walks[path] = False
         self.scanning += 1
         loop = asyncio.get_running_loop()
 
@@ -171,9 +185,16 @@ class Indexer:
             except Exception:  # noqa: BLE001 - logged; the next rescan retries
                 log.exception("rescan of %r failed", path)
             finally:
-                loop.call_soon_threadsafe(self._scan_done)
+                loop.call_soon_threadsafe(self._walk_done, path)
 
         threading.Thread(target=run, name="rescan", daemon=True).start()
+
+    def _walk_done(self, path: bytes) -> None:
+        again = self._walks.pop(path, False)
+        self._scan_done()
+        if again:
+            self.scanning -= 1  # counted when it was asked for; rescan() counts it again
+            self.rescan(path)
 
     def root_lost(self, reason: str) -> None:
         """Pause: the root vanished (invariant 6)."""
