@@ -97,7 +97,8 @@ class Origin:
                 "unwatched": len(getattr(self.detector, "unwatched", ())),
                 "overflows": getattr(self.detector, "overflows", 0),
                 "scan": {"running": self.indexer.scanning, "checked": self.indexer.scan_checked,
-                         "differ": self.indexer.scan_differ},
+                         "differ": self.indexer.scan_differ, "walks": self.indexer.walks,
+                         "fallbacks": getattr(self.detector, "fallback_rescans", 0)},
                 "hot_blobs": {"items": len(self.hot), "bytes": self.hot.nbytes, "hits": self.hot.hits,
                               "misses": self.hot.misses},
                 "uptime": round(time.time() - self.started, 1)}

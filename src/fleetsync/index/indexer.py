@@ -99,6 +99,8 @@ class Indexer:
         self.scan_rate = scan_rate
         self.scan_checked = 0
         self.scan_differ = 0
+        #: Rescan walks started (start-up reconcile, overflows, directories that arrived, fallbacks).
+        self.walks = 0
 
     # -- HintSink --------------------------------------------------------------------------------
     def changed(self, path: bytes, *, writing: bool = False, closed: bool = False) -> None:
@@ -174,6 +176,7 @@ class Indexer:
             return
         self._walks[path] = False
         self.scanning += 1
+        self.walks += 1
         loop = asyncio.get_running_loop()
 
         def run() -> None:
