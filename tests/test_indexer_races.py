@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -160,3 +161,38 @@ def test_rescans_of_one_path_coalesce_and_the_last_request_is_answered(tmp_path:
     asyncio.run(run())
     assert walks == [b"", b""]
     assert j.get(b"late.html") is not None
+
+
+def test_scanner_mode_writer_finishing_during_the_proc_check(tmp_path: Path) -> None:
+    """No close events (scanner): a file hashed empty whose writer wrote and closed while /proc was
+    being read (so no process holds it any more) must not be recorded empty."""
+    root = tmp_path / "root"
+    root.mkdir()
+    f = root / "page.html"
+    f.write_bytes(b"")
+    old = time.time() - 5
+    os.utime(f, (old, old))  # quiet for longer than the settle window
+    j = SqliteJournal(str(tmp_path / "o.db"), content_index=False)
+    ix = Indexer(str(root), j, settle=0.0, close_events=False)
+    real = ix._held_open
+
+    def held_open(fresh: bool = False):  # type: ignore[no-untyped-def]
+        if fresh:
+            f.write_bytes(b"the real content")  # the stalled writer finishes meanwhile
+            return set()
+        return real(fresh)
+
+    ix._held_open = held_open  # type: ignore[method-assign]
+    ix.changed(b"page.html", closed=True)
+
+    async def run() -> None:
+        await asyncio.sleep(0.01)
+        await ix.process_ready()
+        ix._held_open = real  # type: ignore[method-assign]
+        await _settle(ix)
+
+    asyncio.run(run())
+    got = j.get(b"page.html")
+    assert got is not None and got.size == len(b"the real content")
+    recs = [r for r in j.read(0, 100) if r.path == b"page.html"]
+    assert all(r.entry is not None and r.entry.size > 0 for r in recs), recs

@@ -554,6 +554,13 @@ class Indexer:
                     recent = now_ns - o.st.st_ctime_ns < self.open_timeout * 1e9
                     if recent and (o.st.st_dev, o.st.st_ino) in held:
                         o.unstable = True
+                    elif recent:
+                        # The writer may have written and closed while /proc was being read
+                        # (before its process was reached): then the file changed since it was hashed.
+                        st = self.fs.lstat(o.path)
+                        if st is None or (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino) != (
+                                o.st.st_size, o.st.st_mtime_ns, o.st.st_ctime_ns, o.st.st_ino):
+                            o.unstable = True
         return out
 
     def _changes(self, obs: list[_Obs], known: dict[bytes, tuple[Entry, LocalStat | None]] | None = None
