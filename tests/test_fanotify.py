@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from fleetsync.detect import HintSink
-from fleetsync.detect.fanotify import FanotifyDetector, fanotify_available, kernel_version
+from fleetsync.detect.fanotify import LIMBO_WAIT, FanotifyDetector, fanotify_available, kernel_version
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="fanotify is Linux-only")
 
@@ -875,3 +875,50 @@ async def test_cached_outside_directory_moved_into_the_root(fs: Path, root: Path
     os.rename(root / "D", root / "E" / "D")  # and it keeps being followed inside
     _w(root / "E" / "D" / "sub" / "again.html")
     await w.until(lambda c: c == ("changed", b"E/D/sub/again.html", False, True), "changed(E/D/sub/again.html)")
+
+
+async def test_neighbour_rm_r_under_an_ignored_directory_does_not_rescan_root(
+        fs: Path, root: Path, make_watch: Callable[..., Watch]) -> None:
+    """A tree made and removed below a directory with a kernel ignore mark, before its events are read.
+
+    The events from inside the removed directories can only be placed through the deletions of
+    those directories; if the kernel dropped those (an ignore mark with FAN_ONDIR on the parent),
+    each event became a rescan of the whole root.
+    """
+    out = fs / "outside" / "busy"
+    out.mkdir()
+    w = make_watch(root)
+    _w(out / "first")
+    await w.barrier()
+    for i in range(3):  # no await: the loop reads these only after the trees are gone
+        d = out / f"t{i}" / "a" / "b"
+        d.mkdir(parents=True)
+        _w(d / "f")
+        shutil.rmtree(out / f"t{i}")
+    await w.barrier()
+    await asyncio.sleep(LIMBO_WAIT + 0.1)  # anything parked waits this long before it falls back
+    await w.barrier()
+    assert w.det.fallback_rescans == 0
+    assert not [p for p in w.sink.paths() if not p.startswith(b".barrier-")], w.sink.calls
+
+
+async def test_directory_renamed_between_outside_parents_keeps_the_outside_cache(
+        fs: Path, root: Path, make_watch: Callable[..., Watch]) -> None:
+    """A neighbour renaming its own directories does not flush what is known to lie outside."""
+    a = fs / "outside" / "A" / "sub"
+    a.mkdir(parents=True)
+    (fs / "other").mkdir()
+    w = make_watch(root)
+    _w(a / "warm")
+    _w(fs / "outside" / "A" / "warm")
+    await w.barrier()
+    assert len(w.det._res.outside) >= 2
+    forgets: list[None] = []
+    real_forget = w.det._res.on_forget
+    w.det._res.on_forget = lambda: (forgets.append(None), real_forget())[1]  # type: ignore[method-assign]
+    os.rename(fs / "outside" / "A", fs / "other" / "A")  # "other" was never seen: resolved, outside
+    await w.barrier()
+    assert forgets == [], "the outside cache (and the kernel ignore marks) were flushed"
+    _w(fs / "other" / "A" / "sub" / "after")
+    await w.barrier()
+    assert not [p for p in w.sink.paths() if not p.startswith(b".barrier-")], w.sink.calls

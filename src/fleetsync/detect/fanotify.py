@@ -108,9 +108,12 @@ BASE_MASK = (FAN_CREATE | FAN_DELETE | FAN_MODIFY | FAN_CLOSE_WRITE | FAN_ATTRIB
              | FAN_MOVE_SELF | FAN_ONDIR)
 MIN_KERNEL = (5, 9)
 #: What the kernel drops for a directory known to lie outside the root (FAN_MARK_IGNORE, Linux >= 6.0):
-#: events on its entries and itself. Renames and moves are never ignored: one may bring the
-#: directory into the root, and then every ignore mark is flushed before its content is rescanned.
-IGNORE_MASK = FAN_CREATE | FAN_DELETE | FAN_MODIFY | FAN_CLOSE_WRITE | FAN_ATTRIB | FAN_ONDIR | FAN_EVENT_ON_CHILD
+#: events on the files in it. Renames and moves are never ignored: one may bring the directory
+#: into the root, and then every ignore mark is flushed before its content is rescanned. Events
+#: on subdirectories (no FAN_ONDIR) are not ignored either: the deletion of a subdirectory is what
+#: locates the events read from inside it once it is gone (otherwise those events could not be
+#: placed, and each became a rescan of the whole root: a busy neighbour's `rm -r` cost a walk).
+IGNORE_MASK = FAN_CREATE | FAN_DELETE | FAN_MODIFY | FAN_CLOSE_WRITE | FAN_ATTRIB | FAN_EVENT_ON_CHILD
 #: Ignore marks at most (each pins a directory inode in memory until the marks are flushed).
 IGNORE_MAX = 4096
 
@@ -450,8 +453,9 @@ class _Resolver:
     def forget_outside(self, events: list[FanEvent]) -> None:
         """Clear the outside-the-root cache if a directory may have moved into the root in events.
 
-        A directory renamed under a parent that is not known to be outside may have entered the
-        root, and with it every directory below it: their handles must be resolved again.
+        A directory renamed under a parent that is not known to be outside (and does not resolve
+        to a path outside now) may have entered the root, and with it every directory below it:
+        their handles must be resolved again.
         """
         if not self.outside:
             return
@@ -464,10 +468,16 @@ class _Resolver:
                 parent = ev.dfid
             else:
                 continue
-            if parent not in self.outside:
-                self.outside.clear()
-                self.on_forget()
-                return
+            if parent in self.outside:
+                continue
+            # Where the new parent is now: still outside (a busy neighbour renaming its own
+            # directories) keeps the cache; inside the root, or not locatable, clears it.
+            where = self.resolve(parent)
+            if where is not None and (where == OUTSIDE or not self.inside(where) and not self.holds_root(where)):
+                continue
+            self.outside.clear()
+            self.on_forget()
+            return
 
     def last_known(self, handle: bytes) -> bytes | None:
         """Where the directory was when it was last resolved (may be stale)."""
