@@ -140,17 +140,20 @@ class Indexer:
         # Carry pending hints along with the rename.
         for p in [p for p in self.pending if paths.is_under(p, old)]:
             self.pending[paths.rebase(p, old, new)] = self.pending.pop(p)
-        # The batch being observed may look at a path after this rename happened on disk (gone,
-        # and unknown to the manifest if new): have it looked at again where it is now.
-        for p in self._flight:
-            if paths.is_under(p, old):
-                self.changed(paths.rebase(p, old, new))
-        if is_dir and self._vanished:
-            for p in [p for p in self._vanished if paths.is_under(p, old)]:
-                del self._vanished[p]
-                self.changed(paths.rebase(p, old, new))
-        if is_dir and self.scanning:
-            self._scan_moves.append((old, new))
+        if is_dir:
+            # The batch being observed may look at a path below after this rename happened on
+            # disk (gone, and unknown to the manifest if new), or already did: have it looked at
+            # again where it is now. (A moved file itself gets its hint below.)
+            prefix = old + b"/"
+            for p in self._flight:
+                if p.startswith(prefix):
+                    self.changed(paths.rebase(p, old, new))
+            if self._vanished:
+                for p in [p for p in self._vanished if p.startswith(prefix)]:
+                    del self._vanished[p]
+                    self.changed(paths.rebase(p, old, new))
+            if self.scanning:
+                self._scan_moves.append((old, new))
         if self.ignore.ignored(old):
             self.changed(new, closed=True)
             return
