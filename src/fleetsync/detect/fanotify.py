@@ -122,6 +122,12 @@ _INFO_HDR = struct.Struct("=BBH")  # struct fanotify_event_info_header
 _FH_HDR = struct.Struct("=Ii")  # struct file_handle: handle_bytes, handle_type
 _FSID_LEN = 8
 READ_SIZE = 256 * 1024
+#: While events keep coming (the previous read was less than this ago), the next read waits
+#: DRAIN_DELAY so that events arriving meanwhile share one wake-up; after a quiet spell it is
+#: immediate. A busy neighbour on the filesystem then costs ~1/DRAIN_DELAY wake-ups per second
+#: instead of one per event (their renames cannot be dropped by an ignore mark).
+BUSY_WINDOW = 0.05
+DRAIN_DELAY = 0.02
 #: Upper bound of events read by one drain() (the default kernel queue holds 16384).
 MAX_EVENTS_PER_DRAIN = 65536
 CACHE_MAX = 16384
@@ -305,6 +311,13 @@ def parse_events(buf: bytes) -> list[FanEvent]:
                              f"metadata_len={meta_len} buffer={end}")
         if fd >= 0:  # not expected in FID mode; never leak it
             os.close(fd)
+        if not mask & (FAN_DELETE_SELF | FAN_MOVE_SELF | FAN_Q_OVERFLOW) and ev_len > meta_len \
+                and buf[off + meta_len] == FAN_EVENT_INFO_TYPE_FID:
+            # No directory record: an inode event such as the link-count ATTRIB of a file renamed
+            # over anywhere on the filesystem. Nothing to do with it (the directory events carry
+            # every change by name), so skip it without building it.
+            off += ev_len
+            continue
         ev = FanEvent(mask, pid)
         pos, ev_end = off + meta_len, off + ev_len
         while pos + _INFO_HDR.size <= ev_end:
@@ -515,6 +528,8 @@ class FanotifyDetector:
         self._prev_overflow = False
         self._prev_index: dict[bytes, list[int]] | None = None  # path and each ancestor -> _prev_emitted indexes
         self._limbo_timer: asyncio.TimerHandle | None = None
+        self._drain_timer: asyncio.TimerHandle | None = None
+        self._last_drain = -1.0
         self._young: dict[bytes, float] = {}  # root-relative dir -> when it arrived with content
         self._final = True
         self.overflows = 0
@@ -561,6 +576,12 @@ class FanotifyDetector:
         for mv in moves:
             for extra in (FAN_EVENT_ON_CHILD, 0):
                 mask = BASE_MASK | mv | extra
+                if mv == FAN_RENAME and self.target_fid:
+                    # Self events are only needed to pair a deleted directory with its parent's
+                    # DELETE (TARGET_FID gives the child's handle there) and for the root (seen
+                    # in its parent's DELETE/RENAME too). Every file renamed over or deleted
+                    # anywhere on the filesystem would add one, and no ignore mark can drop them.
+                    mask &= ~(FAN_DELETE_SELF | FAN_MOVE_SELF)
                 try:
                     fanotify_mark_filesystem(self._fd, mask, self.root_abs)
                 except OSError as e:
@@ -640,14 +661,45 @@ class FanotifyDetector:
             rel = self._rel(mp)
             if rel:
                 self.unwatched.add(rel)
-        self._loop.add_reader(self._fd, self.drain)
+        self._loop.add_reader(self._fd, self._readable)
         self._reading = True
         log.info("fanotify: watching %r (filesystem mark, mask %#x, FAN_RENAME %s, target fid %s)",
                  self.root_abs, self.mask, "yes" if self.has_rename else "no",
                  "yes" if self.target_fid else "no")
 
+    def _readable(self) -> None:
+        """Events are queued: read them now after a quiet spell; while busy, poll every DRAIN_DELAY."""
+        assert self._loop is not None
+        now = self._loop.time()
+        if now - self._last_drain > BUSY_WINDOW:
+            self._last_drain = now
+            self.drain()
+            return
+        # Busy: stop waking up per event; read on a timer until a read finds the queue empty.
+        if self._reading:
+            self._loop.remove_reader(self._fd)
+            self._reading = False
+        if self._drain_timer is None:
+            self._drain_timer = self._loop.call_later(DRAIN_DELAY, self._poll)
+
+    def _poll(self) -> None:
+        self._drain_timer = None
+        if self._fd < 0 or self._loop is None:
+            return
+        before = self.events
+        self._last_drain = self._loop.time()
+        self.drain()
+        if self.events != before:
+            self._drain_timer = self._loop.call_later(DRAIN_DELAY, self._poll)
+        elif not self._reading:
+            self._loop.add_reader(self._fd, self._readable)
+            self._reading = True
+
     def close(self) -> None:
         """Stop watching and release the descriptors (idempotent)."""
+        if self._drain_timer is not None:
+            self._drain_timer.cancel()
+            self._drain_timer = None
         if self._limbo_timer is not None:
             self._limbo_timer.cancel()
             self._limbo_timer = None
