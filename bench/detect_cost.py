@@ -120,9 +120,11 @@ def code_version() -> str:
 class Origin:
     """One `fleetsync origin` child process, observed through /proc and /v1/status."""
 
-    def __init__(self, root: str, state: str, logpath: str, detector: str, reconcile_rate: float) -> None:
+    def __init__(self, root: str, state: str, logpath: str, detector: str, reconcile_rate: float,
+                 retain: int | None = None) -> None:
         self.root, self.state, self.logpath = root, state, logpath
         self.detector, self.reconcile_rate = detector, reconcile_rate
+        self.retain = retain
         self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
         self.conn: http.client.HTTPConnection | None = None
@@ -140,6 +142,8 @@ class Origin:
         args = [FLEETSYNC, "origin", "--root", self.root, "--state", self.state,
                 "--listen", f"127.0.0.1:{self.port}", "--detector", self.detector,
                 "--reconcile-rate", str(self.reconcile_rate)]
+        if self.retain:
+            args += ["--retain", str(self.retain)]
         t0 = time.monotonic()
         logf = open(self.logpath, "ab")
         self.proc = subprocess.Popen(args, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
@@ -540,7 +544,7 @@ def run_size(n: int, args: argparse.Namespace, workdir: str) -> dict[str, Any]:
     res["dirs"] = len(corpus.dirs)
 
     detectors = [d for d in args.detector.split(",") if d]
-    o = Origin(root, state, os.path.join(base, "origin.log"), detectors[0], args.reconcile_rate)
+    o = Origin(root, state, os.path.join(base, "origin.log"), detectors[0], args.reconcile_rate, args.retain)
     res["per_detector"] = {}
     try:
         log(f"N={n}: starting origin ({'reconcile of the kept state' if res['reused_state'] else 'first index'}, "
@@ -665,6 +669,10 @@ def main() -> int:
                    help="origin --detector; a comma list (auto,inotify) repeats the per-round and idle "
                         "measurements for each on the same corpus (restart, no re-index)")
     p.add_argument("--reconcile-rate", type=float, default=0.0)
+    p.add_argument("--retain", type=int, default=None,
+                   help="origin --retain (journal records kept). The default (1M) makes only a 1M-file origin "
+                        "compact records in every round; the same value for every size (e.g. 50000) compares "
+                        "tree sizes at the same journal length")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--round-size", type=int, default=1000)
     p.add_argument("--idle-seconds", type=float, default=60.0)
