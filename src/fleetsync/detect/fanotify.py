@@ -534,6 +534,7 @@ class FanotifyDetector:
         self._final = True
         self.overflows = 0
         self.events = 0
+        self.read_events = 0  # including those dropped at once (outside the root)
         self.fallback_rescans = 0
         self.reemitted = 0
         self.unwatched: set[bytes] = set()
@@ -686,10 +687,10 @@ class FanotifyDetector:
         self._drain_timer = None
         if self._fd < 0 or self._loop is None:
             return
-        before = self.events
+        before = self.read_events
         self._last_drain = self._loop.time()
         self.drain()
-        if self.events != before:
+        if self.read_events != before:
             self._drain_timer = self._loop.call_later(DRAIN_DELAY, self._poll)
         elif not self._reading:
             self._loop.add_reader(self._fd, self._readable)
@@ -729,6 +730,14 @@ class FanotifyDetector:
         self._draining = True
         try:
             events = self._read_all()
+            self.read_events += len(events)
+            out = self._res.outside
+            if out:
+                # A busy neighbour's file renames (which no ignore mark can drop): both directories
+                # are known to lie outside, so the rename cannot touch the root.
+                events = [ev for ev in events
+                          if not (ev.mask & FAN_RENAME and not ev.mask & FAN_ONDIR and ev.old is not None
+                                  and ev.new is not None and ev.old[0] in out and ev.new[0] in out)]
             if events:  # hints sent since the last read become "the previous batch" (see _reemit)
                 self._prev_overflow = len(self._emitted) > RECENT_MAX
                 self._prev_emitted = [] if self._prev_overflow else self._emitted
