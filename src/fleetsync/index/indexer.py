@@ -83,6 +83,8 @@ class Indexer:
         self._root_id = (st.st_dev, st.st_ino)
         self._wake = asyncio.Event()
         self._shadow: dict[bytes, Entry | None] = {}
+        #: Manifest rows read for the batch being computed (None: not in the manifest).
+        self._fetched: dict[bytes, Entry | None] = {}
         self._inflight = 0
         #: Paths of the batch being observed: a move read meanwhile re-hints them at their new place.
         self._flight: list[bytes] = []
@@ -439,12 +441,24 @@ class Indexer:
             # Manifest rows are read here, on the journal's own connection (its page cache stays
             # warm for the commit that follows); the worker thread only touches the filesystem.
             known = self.j.get_many_with_local(ready)
+            # The manifest rows the batch's records will be computed against, its paths' parents
+            # included, read up front (a point query each cost a statement and a WAL read lock).
+            fetched: dict[bytes, Entry | None] = dict.fromkeys(ready)
+            fetched.update((p, row[0]) for p, row in known.items())
+            parents = {a for p in ready for a in _ancestors(p)}.difference(fetched)
+            fetched.update(dict.fromkeys(parents))
+            fetched.update(self.j.get_many(sorted(parents)))
             obs = await loop.run_in_executor(None, self._observe, ready, known)
             # Anything touched again while we were hashing is not settled: drop the result, keep the hint.
             self.drain()
             obs = [o for o in obs if o.path not in self.pending]
             self._remember_vanished(obs)
-            self._commit(self._changes(obs, known))
+            self._fetched = fetched
+            try:
+                changes = self._changes(obs, known)
+            finally:
+                self._fetched = {}
+            self._commit(changes)
         except BaseException:
             for p in ready:  # nothing of this batch was committed: keep every hint
                 self.changed(p)
@@ -629,6 +643,8 @@ class Indexer:
         for anc in _ancestors(path):
             if anc in self._shadow and self._shadow[anc] is None:
                 return None
+        if path in self._fetched:
+            return self._fetched[path]
         return self.j.get(path)
 
     def _ensure_parents(self, path: bytes, changes: list[Change], known: set[bytes]) -> None:
