@@ -196,3 +196,35 @@ def test_scanner_mode_writer_finishing_during_the_proc_check(tmp_path: Path) -> 
     assert got is not None and got.size == len(b"the real content")
     recs = [r for r in j.read(0, 100) if r.path == b"page.html"]
     assert all(r.entry is not None and r.entry.size > 0 for r in recs), recs
+
+
+def test_new_parent_moved_before_the_batch_is_recorded_keeps_its_mode(tmp_path: Path) -> None:
+    """a/f is looked at; a (new, chmod 0711, not yet settled itself) is renamed to b before the
+    batch is recorded. The parent must not be recorded from nothing (a default mode the move then
+    carries to b): b must end up with the mode it has on disk."""
+    root, j, ix = _indexer(tmp_path)
+    (root / "n").mkdir()
+    (root / "n" / "f").write_bytes(b"content")
+    os.chmod(root / "n", 0o711)
+    ix.changed(b"n/f", closed=True)  # n's own hint is not in this batch
+    real_observe = ix._observe
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+
+        def observe(ready, known):  # type: ignore[no-untyped-def]
+            out = real_observe(ready, known)  # n/f is there while it is looked at ...
+            os.rename(root / "n", root / "b")  # ... then its parent moves
+            loop.call_soon_threadsafe(ix.moved, b"n", b"b", True)
+            return out
+
+        ix._observe = observe  # type: ignore[method-assign]
+        await asyncio.sleep(0.005)
+        await ix.process_ready()
+        ix._observe = real_observe  # type: ignore[method-assign]
+        await _settle(ix)
+
+    asyncio.run(run())
+    b = j.get(b"b")
+    assert b is not None and b.kind == DIR and b.mode == 0o711, b
+    assert j.get(b"b/f") is not None and j.get(b"n") is None and j.get(b"n/f") is None

@@ -600,7 +600,9 @@ class Indexer:
                 continue
             if o.st is None or o.entry is None:
                 continue
-            self._ensure_parents(o.path, changes, known_dirs)
+            if not self._ensure_parents(o.path, changes, known_dirs):
+                self.changed(o.path)  # its parent moved or went away since: look again (a move carries it)
+                continue
             cur = self.j_get(o.path, changes)
             e = o.entry
             if cur is not None and cur == e:
@@ -647,22 +649,27 @@ class Indexer:
             return self._fetched[path]
         return self.j.get(path)
 
-    def _ensure_parents(self, path: bytes, changes: list[Change], known: set[bytes]) -> None:
+    def _ensure_parents(self, path: bytes, changes: list[Change], known: set[bytes]) -> bool:
         """Record any ancestor directory of path the manifest lacks, before path itself.
 
         Replicas must never hold a directory the origin's manifest does not know (it could never
-        be deleted). An ancestor already gone from disk is recorded with a default mode: its
-        removal is certainly queued as a hint, which then deletes it everywhere.
+        be deleted). An ancestor the manifest lacks that is no longer a directory on disk (moved
+        or removed since path was looked at) is not recorded from nothing: a default mode would
+        travel with a later move of it. Returns False then, and path is not recorded either.
         """
         for anc in reversed(_ancestors(path)):
             if anc in known:
                 continue
             cur = self.j_get(anc, changes)
             if cur is None or cur.kind != DIR:
-                ch = Change(PUT, anc, self._dir_entry(anc))
+                st = self.fs.lstat(anc)
+                if st is None or not stat.S_ISDIR(st.st_mode):
+                    return False
+                ch = Change(PUT, anc, entry_from_stat(st))
                 changes.append(ch)
                 self._apply_shadow(ch)
             known.add(anc)
+        return True
 
     def _dir_entry(self, path: bytes) -> Entry:
         st = self.fs.lstat(path)
