@@ -347,7 +347,6 @@ class Replica:
         moves.reverse()
         # One query for the batch's manifest rows (the manifest changes only at the batch's commit).
         plan.known = self.journal.get_many([r.path for r in recs if r.entry is not None and r.entry.kind == FILE])
-        elsewhere: list[Entry] = []
         for i, r in enumerate(recs):
             e = r.entry
             if i in plan.skip or e is None or e.kind != FILE or e.hash in plan.local:
@@ -365,18 +364,12 @@ class Replica:
                     plan.local[e.hash] = c
                     break
             else:
-                elsewhere.append(e)
-        # Content already held under another path (a copy, or a move shipped as delete + put).
-        for e in elsewhere:
-            assert e.hash is not None
-            if e.hash in plan.local:
-                continue
-            for c in self.journal.paths_with_hash(e.hash):
-                m = plan.known.get(c) or self.journal.get(c)
-                st = self.fs.lstat(c)
-                if m and st and stat.S_ISREG(st.st_mode) and st.st_size == m.size and st.st_mtime_ns == m.mtime_ns:
-                    plan.local[e.hash] = c
-                    break
+                for c in self.journal.paths_with_hash(e.hash):
+                    m = plan.known.get(c) or self.journal.get(c)
+                    st = self.fs.lstat(c)
+                    if m and st and stat.S_ISREG(st.st_mode) and st.st_size == m.size and st.st_mtime_ns == m.mtime_ns:
+                        plan.local[e.hash] = c
+                        break
         return plan
 
     async def apply_batch(self, records: list[Record]) -> int:
