@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -228,3 +229,32 @@ def test_new_parent_moved_before_the_batch_is_recorded_keeps_its_mode(tmp_path: 
     b = j.get(b"b")
     assert b is not None and b.kind == DIR and b.mode == 0o711, b
     assert j.get(b"b/f") is not None and j.get(b"n") is None and j.get(b"n/f") is None
+
+
+def test_move_onto_a_directory_the_manifest_holds_entries_under_rescans_it(tmp_path: Path) -> None:
+    """A directory rename can only replace an empty directory on disk. If the manifest holds
+    entries under the destination (a move hint placed under the wrong parent), those entries
+    would be deleted everywhere with the replaced directory: the destination is compared with
+    the disk instead."""
+    root, j, ix = _indexer(tmp_path)
+    (root / "t" / "d1" / "d0").mkdir(parents=True)
+    (root / "t" / "d1" / "d0" / "f").write_bytes(b"kept")
+    (root / "s" / "d1").mkdir(parents=True)
+    for p in (b"t", b"t/d1", b"t/d1/d0", b"t/d1/d0/f", b"s", b"s/d1"):
+        ix.changed(p, closed=True)
+    asyncio.run(_settle(ix))
+    # On disk the real order was: s/d1 replaced an empty t/d1, then d0 moved in. The detector
+    # reported the move of d0 first (under the old t/d1), then s/d1 -> t/d1.
+    shutil.rmtree(root / "t" / "d1")
+    os.rename(root / "s" / "d1", root / "t" / "d1")
+    (root / "t" / "d1" / "d0").mkdir()
+    (root / "t" / "d1" / "d0" / "f").write_bytes(b"kept")
+    os.utime(root / "t" / "d1" / "d0" / "f", ns=(0, j.get(b"t/d1/d0/f").mtime_ns))
+
+    async def run() -> None:
+        ix.moved(b"s/d1", b"t/d1", True)
+        await _settle(ix)
+
+    asyncio.run(run())
+    assert j.get(b"t/d1/d0") is not None and j.get(b"t/d1/d0/f") is not None
+    assert j.get(b"s/d1") is None

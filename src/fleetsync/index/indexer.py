@@ -488,7 +488,8 @@ class Indexer:
             self.on_commit(len(recs))
 
     def _commit_moves(self, moves: list[Change]) -> None:
-        """Commit detector renames in order; a rename of something the manifest does not know is a rescan."""
+        """Commit detector renames in order; a rename of something the manifest does not know, or onto a
+        directory the manifest holds entries under, is a rescan of its destination."""
         if not moves:
             return
         unknown: list[Change] = []

@@ -244,7 +244,9 @@ class SqliteJournal:
 
         A MOVE without an entry takes the manifest entry of its old path at that point of the
         transaction; if the manifest has no such path the move is skipped and, when given,
-        appended to `unresolved`.
+        appended to `unresolved`. A MOVE onto a path that has descendants at that point (a
+        rename cannot replace a non-empty directory on disk, so a hint was placed wrong) is
+        applied and also appended to `unresolved`: the caller compares the destination with the disk.
         """
         ts = time.time() if now is None else now
         out: list[Record] = []
@@ -261,6 +263,8 @@ class SqliteJournal:
                             if unresolved is not None and entry is None:
                                 unresolved.append(ch)
                             continue
+                    if ch.op == MOVE and unresolved is not None and self._has_descendants(ch.path):
+                        unresolved.append(ch)
                     seq += 1
                     rec = Record(seq, ch.op, ch.path, entry, ch.old_path, ts)
                     self._append(rec)
@@ -319,6 +323,10 @@ class SqliteJournal:
             self.db.execute("INSERT OR REPLACE INTO meta VALUES ('min_seq', ?)", (str(self._min),))
             self.db.execute("COMMIT")
         return n
+
+    def _has_descendants(self, path: bytes) -> bool:
+        lo, hi = _subtree_bounds(path)
+        return self.db.execute("SELECT 1 FROM manifest WHERE path >= ? AND path < ? LIMIT 1", (lo, hi)).fetchone() is not None
 
     def close(self) -> None:
         """Close the database."""
