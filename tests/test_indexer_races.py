@@ -33,6 +33,37 @@ async def _settle(ix: Indexer) -> None:
     raise AssertionError(f"indexer did not settle: pending {list(ix.pending)}")
 
 
+def _batch_with_rename(ix: Indexer, root: Path, old: str, new: str, *, before_look: bool) -> None:
+    """Run one batch during which directory old is renamed to new on disk and the move is
+    dispatched on the loop (before or after the worker thread looks at the batch), then settle."""
+    real_observe = ix._observe
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        reported = threading.Event()
+
+        def rename() -> None:
+            os.rename(root / old, root / new)
+            loop.call_soon_threadsafe(lambda: (ix.moved(old.encode(), new.encode(), True), reported.set()))
+
+        def observe(ready, known):  # type: ignore[no-untyped-def]
+            if before_look:
+                rename()
+                assert reported.wait(5)  # dispatched before the look
+                return real_observe(ready, known)
+            out = real_observe(ready, known)
+            rename()
+            return out
+
+        ix._observe = observe  # type: ignore[method-assign]
+        await asyncio.sleep(0.005)
+        await ix.process_ready()
+        ix._observe = real_observe  # type: ignore[method-assign]
+        await _settle(ix)
+
+    asyncio.run(run())
+
+
 @pytest.mark.parametrize("what", ["dir", "file", "nested"])
 def test_directory_rename_during_observation_keeps_the_new_entry(tmp_path: Path, what: str) -> None:
     """a/x is being looked at when a -> b happens (and is reported): b/x must still be recorded.
@@ -51,28 +82,7 @@ def test_directory_rename_during_observation_keeps_the_new_entry(tmp_path: Path,
     else:
         (root / "a" / "x" / "y" if what == "nested" else root / "a" / "x").mkdir(parents=True)
     ix.changed(target, closed=True)
-
-    real_observe = ix._observe
-
-    async def run() -> None:
-        loop = asyncio.get_running_loop()
-        reported = threading.Event()
-
-        def observe(ready, known):  # type: ignore[no-untyped-def]
-            # The rename happens on disk and its event is dispatched (on the loop) before the
-            # worker thread looks at the batch.
-            os.rename(root / "a", root / "b")
-            loop.call_soon_threadsafe(lambda: (ix.moved(b"a", b"b", True), reported.set()))
-            assert reported.wait(5)
-            return real_observe(ready, known)
-
-        ix._observe = observe  # type: ignore[method-assign]
-        await asyncio.sleep(0.005)
-        await ix.process_ready()
-        ix._observe = real_observe  # type: ignore[method-assign]
-        await _settle(ix)
-
-    asyncio.run(run())
+    _batch_with_rename(ix, root, "a", "b", before_look=True)
     moved = b"b" + target[1:]
     got = j.get(moved)
     assert got is not None, f"{moved!r} lost: manifest has {sorted(r[0] for r in j.iter_local(b''))}"
@@ -208,24 +218,7 @@ def test_new_parent_moved_before_the_batch_is_recorded_keeps_its_mode(tmp_path: 
     (root / "n" / "f").write_bytes(b"content")
     os.chmod(root / "n", 0o711)
     ix.changed(b"n/f", closed=True)  # n's own hint is not in this batch
-    real_observe = ix._observe
-
-    async def run() -> None:
-        loop = asyncio.get_running_loop()
-
-        def observe(ready, known):  # type: ignore[no-untyped-def]
-            out = real_observe(ready, known)  # n/f is there while it is looked at ...
-            os.rename(root / "n", root / "b")  # ... then its parent moves
-            loop.call_soon_threadsafe(ix.moved, b"n", b"b", True)
-            return out
-
-        ix._observe = observe  # type: ignore[method-assign]
-        await asyncio.sleep(0.005)
-        await ix.process_ready()
-        ix._observe = real_observe  # type: ignore[method-assign]
-        await _settle(ix)
-
-    asyncio.run(run())
+    _batch_with_rename(ix, root, "n", "b", before_look=False)  # n/f is there when it is looked at
     b = j.get(b"b")
     assert b is not None and b.kind == DIR and b.mode == 0o711, b
     assert j.get(b"b/f") is not None and j.get(b"n") is None and j.get(b"n/f") is None
