@@ -251,3 +251,28 @@ def test_move_onto_a_directory_the_manifest_holds_entries_under_rescans_it(tmp_p
     asyncio.run(run())
     assert j.get(b"t/d1/d0") is not None and j.get(b"t/d1/d0/f") is not None
     assert j.get(b"s/d1") is None
+
+
+def test_directory_moves_past_the_bound_during_a_rescan_walk_their_destination(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past SCAN_MOVES_MAX, a move read during a rescan is not remembered for the rescan's hints
+    (each hint is checked against all of them); its destination is rescanned instead."""
+    import fleetsync.index.indexer as indexer_mod
+
+    monkeypatch.setattr(indexer_mod, "SCAN_MOVES_MAX", 0)
+    root, j, ix = _indexer(tmp_path)
+    ix.changed(b"a", closed=True)
+    asyncio.run(_settle(ix))
+    (root / "a" / "x").mkdir()
+
+    async def run() -> None:
+        ix.scanning += 1  # a rescan thread is walking; it has listed a/x
+        os.rename(root / "a", root / "b")
+        ix.moved(b"a", b"b", True)
+        assert not ix._scan_moves
+        ix._scan_hint(b"a/x")
+        ix._scan_done()
+        await _settle(ix)
+
+    asyncio.run(run())
+    assert j.get(b"b/x") is not None and j.get(b"a") is None

@@ -32,6 +32,8 @@ MAX_PENDING_SCAN = 20000
 #: How long (and how many) paths found gone are remembered for a directory move reported late.
 VANISHED_KEEP = 10.0
 VANISHED_MAX = 20000
+#: Directory moves remembered for the hints of running rescans (each hint is checked against all).
+SCAN_MOVES_MAX = 256
 
 
 @dataclass(slots=True)
@@ -155,7 +157,10 @@ class Indexer:
                     del self._vanished[p]
                     self.changed(paths.rebase(p, old, new))
             if self.scanning:
-                self._scan_moves.append((old, new))
+                if len(self._scan_moves) < SCAN_MOVES_MAX:
+                    self._scan_moves.append((old, new))
+                else:  # every scan hint is checked against these: past the bound, walk the destination
+                    self.rescan(new)
         if self.ignore.ignored(old):
             self.changed(new, closed=True)
             return
