@@ -532,15 +532,20 @@ class ManifestSink(RecordingSink):
     """A sink that keeps the set of paths the way the indexer does: moves of known paths are applied
     at once (they are trusted records) and carry pending hints along; every other hint is checked
     against the disk afterwards. A rescan is an immediate walk in the indexer, so it is *not*
-    carried along by later moves (modelled pessimistically: as if the walk ran just after them)."""
+    carried along by later moves; it may run before or after them: `scan_now` walks at once
+    and leaves a pending hint for each entry it finds or misses there (like the indexer's
+    rescan: hints in transit follow moves read meanwhile), otherwise it walks at settle (as
+    if the walk ran just after every move: what a later move took away is not found)."""
 
-    def __init__(self, root: Path, known: set[bytes], *, verify_sources: bool = False) -> None:
+    def __init__(self, root: Path, known: set[bytes], *, verify_sources: bool = False,
+                 scan_now: bool = False) -> None:
         super().__init__()
         self.root = os.fsencode(root)
         self.known = set(known)
         self.to_check: set[bytes] = set()  # pending hints: follow moves
         self.scans: set[bytes] = set()  # rescans: checked where they were asked for
         self.verify_sources = verify_sources  # also re-check the old side of every move
+        self.scan_now = scan_now
 
     def moved(self, old: bytes, new: bytes, is_dir: bool) -> None:
         super().moved(old, new, is_dir)
@@ -580,28 +585,47 @@ class ManifestSink(RecordingSink):
     def rescan(self, path: bytes) -> None:
         super().rescan(path)
         self.scans.add(path)
+        if self.scan_now:
+            self.scans.discard(path)
+            full = os.path.join(self.root, path) if path else self.root
+            self.to_check.update(p for p in self.known if p == path or p.startswith(path + b"/"))
+            if os.path.lexists(full):
+                self.to_check.update(self._walk(full) | ({path} if path else set()))
 
     def settle(self) -> set[bytes]:
-        """Verify every hinted path (and what lies below it) against the disk; return the result."""
-        for top in self.to_check | self.scans:
-            under = [p for p in self.known if p == top or p.startswith(top + b"/")]
-            for p in under:
-                if not os.path.lexists(os.path.join(self.root, p)):
-                    self.known.discard(p)
-            if top.startswith(b".barrier-"):
-                continue
-            full = os.path.join(self.root, top) if top else self.root
-            if os.path.isdir(full) and not os.path.islink(full):
-                if top:
-                    self.known.add(top)
-                for dp, dns, fns in os.walk(full):
-                    for n in dns + fns:
-                        self.known.add(os.path.relpath(os.path.join(dp, n), self.root))
-            elif os.path.lexists(full) and top:
-                self.known.add(top)
+        """Verify every hinted path against the disk, walk every rescanned one; return the result.
+
+        Like the indexer: a hint records or removes the entry itself (a directory's removal takes
+        what the manifest holds below it, but its content is not walked); a rescan compares the
+        whole subtree with the disk.
+        """
+        for top in sorted(self.to_check | self.scans):
+            self._check(top)
         self.to_check.clear()
         self.scans.clear()
         return self.known
+
+    def _check(self, top: bytes) -> None:
+        """Bring the entry top (and, for a rescan, everything below it) in line with the disk."""
+        if top.startswith(b".barrier-"):
+            return
+        full = os.path.join(self.root, top) if top else self.root
+        scan = top in self.scans
+        exists = os.path.lexists(full)
+        gone_below = scan or not exists or not os.path.isdir(full) or os.path.islink(full)
+        if gone_below:
+            for p in [p for p in self.known if p == top or p.startswith(top + b"/")]:
+                if not os.path.lexists(os.path.join(self.root, p)):
+                    self.known.discard(p)
+        if top and exists:
+            self.known.add(top)
+        if scan and exists:
+            self.known |= self._walk(full)
+
+    def _walk(self, full: bytes) -> set[bytes]:
+        """Root-relative paths of everything below the directory full (nothing for a non-directory)."""
+        return {os.path.relpath(os.path.join(dp, n), self.root)
+                for dp, dns, fns in os.walk(full) for n in dns + fns}
 
 
 def _tree(root: Path) -> set[bytes]:
@@ -719,10 +743,11 @@ def _random_ops(root: Path, outside: Path, rng: random.Random, n: int) -> list[t
     return renames
 
 
+@pytest.mark.parametrize("scan_now", [pytest.param(True, id="walk-at-once"), pytest.param(False, id="walk-late")])
 @pytest.mark.parametrize("late", [pytest.param(True, id="read-late"), pytest.param(False, id="read-live")])
 @pytest.mark.parametrize("seed", range(40))
 async def test_random_operations_replay_to_the_tree(fs: Path, root: Path, make_watch: Callable[..., Watch],
-                                                    seed: int, late: bool) -> None:
+                                                    seed: int, late: bool, scan_now: bool) -> None:
     """Random operations, read live or all at once afterwards: every move names a real rename,
     and re-checking every hinted path turns the old tree into the new one (no change unhinted)."""
     rng = random.Random(seed)
@@ -730,7 +755,7 @@ async def test_random_operations_replay_to_the_tree(fs: Path, root: Path, make_w
     _w(root / "a" / "f.html")
     (fs / "outside" / "o").mkdir()
     w = make_watch(root, start=False)
-    sink = ManifestSink(root, _tree(root), verify_sources=True)
+    sink = ManifestSink(root, _tree(root), verify_sources=True, scan_now=scan_now)
     w.sink = sink
     if not late:
         w.det.start(sink)
@@ -764,6 +789,38 @@ NAME_REUSE = {
 }
 
 
+def _renames(evs: list[Any]) -> list[int]:
+    """Indexes of the FAN_RENAME events in a read."""
+    return [i for i, e in enumerate(evs) if e.mask & 0x10000000]
+
+
+def _split_first_read(det: FanotifyDetector, cuts: Callable[[list[Any]], list[int]]) -> None:
+    """Make the detector's first read return only its events up to the first cut, and the reads
+    after it the parts between the next cuts: renames that happened while the part before was
+    being handled (its paths already resolve to after them)."""
+    real_read = det._read_all
+    parts: list[list[Any]] = []
+    done = False
+
+    def read_split() -> list[Any]:
+        nonlocal done
+        if parts:
+            return parts.pop(0)
+        evs = real_read()
+        if not done and evs:
+            done = True
+            bounds = [0] + [c for c in cuts(evs) if 0 < c < len(evs)] + [len(evs)]
+            parts.extend(evs[a:b] for a, b in zip(bounds, bounds[1:]) if a < b)
+            return parts.pop(0)
+        return evs
+    det._read_all = read_split  # type: ignore[method-assign]
+
+
+def _read_in_two(det: FanotifyDetector, nth_rename: int) -> None:
+    """Split the first read before its nth directory-entry rename (0-based)."""
+    _split_first_read(det, lambda evs: _renames(evs)[nth_rename:nth_rename + 1])
+
+
 @pytest.mark.parametrize("split", [pytest.param(False, id="one-batch"), pytest.param(True, id="next-batch")])
 @pytest.mark.parametrize("scenario", list(NAME_REUSE))
 async def test_hint_is_not_moved_twice_when_names_are_reused(root: Path, make_watch: Callable[..., Watch],
@@ -784,17 +841,7 @@ async def test_hint_is_not_moved_twice_when_names_are_reused(root: Path, make_wa
     for src, dst in renames:
         os.rename(root / src, root / dst)
     if split:
-        real_read = w.det._read_all
-        held: list[Any] = []
-
-        def read_in_two() -> list[Any]:
-            evs = held.pop() if held else real_read()
-            first = [i for i, e in enumerate(evs) if e.mask & 0x10000000]  # the first FAN_RENAME
-            if first and first[0] > 0 and not held:
-                held.append(evs[first[0]:])
-                return evs[:first[0]]
-            return evs
-        w.det._read_all = read_in_two  # type: ignore[method-assign]
+        _read_in_two(w.det, nth_rename=0)
     w.det.start(sink)
     w.det.drain()
     w.det.drain()
@@ -922,3 +969,80 @@ async def test_directory_renamed_between_outside_parents_keeps_the_outside_cache
     _w(fs / "other" / "A" / "sub" / "after")
     await w.barrier()
     assert not [p for p in w.sink.paths() if not p.startswith(b".barrier-")], w.sink.calls
+
+
+# -- a directory renamed while the batch before it is handled (read in the next batch) ----------
+@pytest.mark.parametrize("scan_now", [pytest.param(True, id="walk-at-once"), pytest.param(False, id="walk-late")])
+@pytest.mark.parametrize("arrival", ["moved-within", "moved-in", "mkdir"])
+async def test_directory_placed_in_a_directory_renamed_over_another(fs: Path, root: Path,
+                                                                    make_watch: Callable[..., Watch],
+                                                                    arrival: str, scan_now: bool) -> None:
+    """x (a directory with content) arrives in P0, then P0 is renamed over the empty D; the
+    rename is read in the next batch, so x was already resolved as D/x. The indexer replaces
+    what it holds under D by P0's entries when the move arrives: x and its content must still
+    be found (a hint records only the directory itself, a rescan walks it)."""
+    (root / "A" / "x" / "sub").mkdir(parents=True)
+    _w(root / "A" / "x" / "sub" / "f.html")
+    (root / "P0").mkdir()
+    (root / "D").mkdir()
+    (fs / "outside" / "x" / "sub").mkdir(parents=True)
+    _w(fs / "outside" / "x" / "sub" / "f.html")
+    w = make_watch(root, start=False)
+    sink = ManifestSink(root, _tree(root), scan_now=scan_now)
+    w.sink = sink
+    if arrival == "moved-within":
+        os.rename(root / "A" / "x", root / "P0" / "x")
+        nth = 1
+    elif arrival == "moved-in":
+        os.rename(fs / "outside" / "x", root / "P0" / "x")
+        nth = 1
+    else:
+        (root / "P0" / "x" / "sub").mkdir(parents=True)
+        _w(root / "P0" / "x" / "sub" / "f.html")
+        nth = 0
+    os.rename(root / "P0", root / "D")
+    _read_in_two(w.det, nth_rename=nth)
+    w.det.start(sink)
+    w.det.drain()
+    w.det.drain()
+    await w.barrier()
+    assert sink.settle() == _tree(root), sink.calls
+
+
+async def test_rename_read_two_batches_later_after_a_full_read(root: Path, make_watch: Callable[..., Watch],
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """As above, with a read in between that stopped at MAX_EVENTS_PER_DRAIN: the rename done
+    while the first batch was handled comes two reads later, and still finds its hints."""
+    import fleetsync.detect.fanotify as fan
+    (root / "A" / "x" / "sub").mkdir(parents=True)
+    _w(root / "A" / "x" / "sub" / "f.html")
+    (root / "P0").mkdir()
+    (root / "D").mkdir()
+    w = make_watch(root, start=False)
+    sink = ManifestSink(root, _tree(root))
+    w.sink = sink
+    os.rename(root / "A" / "x", root / "P0" / "x")
+    _w(root / "g.html")
+    os.rename(root / "P0", root / "D")
+    sizes: list[int] = []
+
+    def cuts(evs: list[Any]) -> list[int]:
+        r = _renames(evs)
+        sizes.append(r[1] - r[0] - 1)  # the middle read: everything between the two renames
+        return [r[0] + 1, r[1]]
+    _split_first_read(w.det, cuts)
+    real_read = w.det._read_all
+
+    def read() -> list[Any]:
+        evs = real_read()
+        if sizes:  # the middle read is "full" (the kernel had more queued)
+            monkeypatch.setattr(fan, "MAX_EVENTS_PER_DRAIN", sizes[0])
+        return evs
+    w.det._read_all = read  # type: ignore[method-assign]
+    w.det.start(sink)
+    for _ in range(3):
+        w.det.drain()
+    monkeypatch.setattr(fan, "MAX_EVENTS_PER_DRAIN", 65536)
+    await w.barrier()
+    assert w.det.reemitted > 0
+    assert sink.settle() == _tree(root), sink.calls

@@ -150,7 +150,8 @@ YOUNG_MAX = 4096
 class _Deferred(Exception):
     """The event's directory cannot be located yet: retry it after the next read."""
 GONE_MAX = 65536
-#: Hints of one batch kept to be sent again after a directory move read in the next batch.
+#: Hints of one batch (more after a read that hit MAX_EVENTS_PER_DRAIN) kept to be sent again
+#: after a directory move read in the next batch; past this, a move rescans both its sides.
 RECENT_MAX = 65536
 
 
@@ -523,8 +524,11 @@ class FanotifyDetector:
         self._memo: dict[bytes, tuple[bytes, str]] = {}  # handle -> (path, LIVE/GONE) for this batch
         self._at_memo: dict[tuple[bytes, int], bytes] = {}
         self._gone_at: dict[bytes, int] = {}  # directory handle -> index of its delete in this batch
-        self._emitted: list[tuple[str, bytes, bool, bool]] = []  # hints sent during this batch
-        self._prev_emitted: list[tuple[str, bytes, bool, bool]] = []  # ... during the previous one
+        #: Hints sent during this batch: (kind, path, writing, closed); kind "scan" for a directory
+        #: that arrived or moved (a hint records only the directory itself, a rescan its content).
+        self._emitted: list[tuple[str, bytes, bool, bool]] = []
+        self._prev_emitted: list[tuple[str, bytes, bool, bool]] = []  # ... during the previous one(s)
+        self._capped = False  # the last read stopped at MAX_EVENTS_PER_DRAIN (more events were queued)
         self._prev_overflow = False
         self._prev_index: dict[bytes, list[int]] | None = None  # path and each ancestor -> _prev_emitted indexes
         self._limbo_timer: asyncio.TimerHandle | None = None
@@ -730,6 +734,7 @@ class FanotifyDetector:
         self._draining = True
         try:
             events = self._read_all()
+            capped = len(events) >= MAX_EVENTS_PER_DRAIN
             self.read_events += len(events)
             out = self._res.outside
             if out:
@@ -738,11 +743,17 @@ class FanotifyDetector:
                 events = [ev for ev in events
                           if not (ev.mask & FAN_RENAME and not ev.mask & FAN_ONDIR and ev.old is not None
                                   and ev.new is not None and ev.old[0] in out and ev.new[0] in out)]
-            if events:  # hints sent since the last read become "the previous batch" (see _reemit)
-                self._prev_overflow = len(self._emitted) > RECENT_MAX
-                self._prev_emitted = [] if self._prev_overflow else self._emitted
+            if events:  # hints sent since the last read become "the previous batch" (see _moved)
+                # A rename done while the previous batch was handled is read now, or later when
+                # the read before this one stopped at the cap: then the window reaches back further.
+                prev = self._emitted
+                if self._capped and not self._prev_overflow:
+                    prev = self._prev_emitted + prev
+                self._prev_overflow = len(prev) > RECENT_MAX or (self._capped and self._prev_overflow)
+                self._prev_emitted = [] if self._prev_overflow else prev
                 self._emitted = []
                 self._prev_index = None
+                self._capped = capped
             self._fallbacks.clear()
             self._res.forget_outside(events)
             self._memo.clear()
@@ -1013,17 +1024,20 @@ class FanotifyDetector:
         return rel
 
     # -- hints ---------------------------------------------------------------------------------
+    def _remember(self, kind: str, rel: bytes, writing: bool = False, closed: bool = False) -> None:
+        """Keep a hint of this batch, to be sent again after a directory move read in the next one."""
+        if len(self._emitted) <= RECENT_MAX:
+            self._emitted.append((kind, rel, writing, closed))
+
     def _changed(self, rel: bytes, *, writing: bool = False, closed: bool = False) -> None:
         assert self._sink is not None
         self._sink.changed(rel, writing=writing, closed=closed)
-        if len(self._emitted) <= RECENT_MAX:
-            self._emitted.append(("changed", rel, writing, closed))
+        self._remember("changed", rel, writing, closed)
 
     def _removed(self, rel: bytes) -> None:
         assert self._sink is not None
         self._sink.removed(rel)
-        if len(self._emitted) <= RECENT_MAX:
-            self._emitted.append(("removed", rel, False, False))
+        self._remember("removed", rel)
 
     def _moved(self, old: bytes, new: bytes, is_dir: bool) -> None:
         """Send an exact move; a directory move also re-sends the previous batch's hints it touches.
@@ -1036,9 +1050,8 @@ class FanotifyDetector:
         """
         assert self._sink is not None
         self._sink.moved(old, new, is_dir)
-        if len(self._emitted) <= RECENT_MAX:
-            self._emitted.append(("removed", old, False, False))
-            self._emitted.append(("changed", new, False, True))
+        self._remember("removed", old)
+        self._remember("scan" if is_dir else "changed", new, False, True)
         if not is_dir or self._pos < 0:
             return
         if self._prev_overflow:
@@ -1059,6 +1072,12 @@ class FanotifyDetector:
             self.reemitted += 1
             if kind == "removed":
                 self._sink.removed(rel)
+            elif kind == "scan":
+                # A directory placed there may have been resolved under a name this move takes
+                # over: the move replaces what the indexer holds there, so walk it again.
+                under_old = rel == old or rel.startswith(old + b"/")
+                self._sink.rescan(new + rel[len(old):] if under_old else rel)  # (walks where it is now)
+                self._sink.changed(rel, closed=True)  # (a pending hint: moves carry it)
             else:
                 self._sink.changed(rel, writing=writing, closed=closed)
 
@@ -1078,6 +1097,7 @@ class FanotifyDetector:
         if cur is not None:
             self._sink.rescan(cur)
         self._changed(rel)
+        self._remember("scan", rel)
         if with_content:
             now = time.monotonic()
             if len(self._young) >= YOUNG_MAX:
