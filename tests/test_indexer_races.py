@@ -276,3 +276,29 @@ def test_directory_moves_past_the_bound_during_a_rescan_walk_their_destination(
 
     asyncio.run(run())
     assert j.get(b"b/x") is not None and j.get(b"a") is None
+
+
+def test_move_under_a_new_parent_moved_on_before_it_is_recorded(tmp_path: Path) -> None:
+    """f is moved into a new directory n (chmod 0711), and n is renamed to b, before the moves
+    are recorded. n, unknown to the manifest and gone from disk, must not be recorded from
+    nothing (a default mode its own move then carries to b): b keeps the mode it has on disk."""
+    root, j, ix = _indexer(tmp_path)
+    (root / "f").write_bytes(b"content")
+    ix.changed(b"f", closed=True)
+    asyncio.run(_settle(ix))
+    (root / "n").mkdir()
+    os.chmod(root / "n", 0o711)
+    os.rename(root / "f", root / "n" / "f")
+    os.rename(root / "n", root / "b")
+
+    async def run() -> None:
+        ix.moved(b"f", b"n/f", False)
+        ix.moved(b"n", b"b", True)
+        await _settle(ix)
+
+    asyncio.run(run())
+    b = j.get(b"b")
+    assert b is not None and b.kind == DIR and b.mode == 0o711, b
+    got = j.get(b"b/f")
+    assert got is not None and got.kind == FILE and got.size == len(b"content")
+    assert j.get(b"f") is None and j.get(b"n") is None and j.get(b"n/f") is None

@@ -501,10 +501,19 @@ class Indexer:
         batch: list[Change] = []
         added: set[bytes] = set()
         for m in moves:
-            for anc in reversed(_ancestors(m.path)):
-                if anc not in added and self.j.get(anc) is None:
-                    batch.append(Change(PUT, anc, self._dir_entry(anc)))
-                added.add(anc)
+            missing = [a for a in reversed(_ancestors(m.path)) if a not in added and self.j.get(a) is None]
+            entries = [self._dir_stat(a) for a in missing]
+            if None in entries:
+                # A parent the manifest lacks is no longer a directory (moved on or removed since):
+                # recorded from nothing, its default mode would travel with its own move. Both
+                # sides are looked at instead; a later move of that parent, unknown to the
+                # manifest, rescans its destination.
+                assert m.old_path is not None
+                self.changed(m.old_path)
+                self.changed(m.path)
+                continue
+            batch.extend(Change(PUT, a, e) for a, e in zip(missing, entries))
+            added.update(_ancestors(m.path))
             batch.append(m)
         recs = self.j.commit(batch, unresolved=unknown)
         for m in unknown:
@@ -668,21 +677,19 @@ class Indexer:
                 continue
             cur = self.j_get(anc, changes)
             if cur is None or cur.kind != DIR:
-                st = self.fs.lstat(anc)
-                if st is None or not stat.S_ISDIR(st.st_mode):
+                e = self._dir_stat(anc)
+                if e is None:
                     return False
-                ch = Change(PUT, anc, entry_from_stat(st))
+                ch = Change(PUT, anc, e)
                 changes.append(ch)
                 self._apply_shadow(ch)
             known.add(anc)
         return True
 
-    def _dir_entry(self, path: bytes) -> Entry:
+    def _dir_stat(self, path: bytes) -> Entry | None:
+        """The entry of the directory at path as it is on disk (None if it is not a directory now)."""
         st = self.fs.lstat(path)
-        if st is not None and stat.S_ISDIR(st.st_mode):
-            return entry_from_stat(st)
-        self.removed(path)
-        return Entry(DIR, 0o755)
+        return entry_from_stat(st) if st is not None and stat.S_ISDIR(st.st_mode) else None
 
     def _renamed_from(self, o: _Obs, gone_by_ino: dict[int, bytes]) -> bytes | None:
         """A path gone from disk in this batch that this new path is the same inode (and content) as."""
