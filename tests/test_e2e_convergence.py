@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import shlex
 import time
 from typing import Iterator
 
@@ -52,7 +53,9 @@ def conv_cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPa
     for rel in SC_FILES:
         with open(os.path.join(os.fsencode(origin_root), rel), "wb") as f:
             f.write(selfcheck.make(rng.randbytes(rng.randint(1, 4096))))
-    with running_cluster(base, n_replicas=2, origin_args=DETECTORS[request.param]) as c:
+    # FLEETSYNC_E2E_ORIGIN_ARGS (e.g. "-v": every hint in the origin's log) helps read a soak's failure.
+    extra = shlex.split(os.environ.get("FLEETSYNC_E2E_ORIGIN_ARGS", ""))
+    with running_cluster(base, n_replicas=2, origin_args=[*DETECTORS[request.param], *extra]) as c:
         c.wait_converged(timeout=60)
         yield c
 
@@ -72,6 +75,7 @@ def test_workload_converges_without_torn_reads(conv_cluster: Cluster, ops: list[
     writer = selfcheck.Rewriter(c.origin.root, SC_FILES, seed=len(ops))
     writer.start()
     t0 = time.monotonic()
+    started = time.time()
     try:
         log = executor.run(ops)
         time.sleep(0.5)  # keep rewriting a little after the workload so replicas apply under fire
@@ -82,6 +86,11 @@ def test_workload_converges_without_torn_reads(conv_cluster: Cluster, ops: list[
         # Failure guard only (the design target is ~1 s); 30 s keeps 6 examples inside pytest's 300 s timeout.
         c.wait_converged(timeout=30)
     except AssertionError as e:
+        # Hypothesis reports the replay of a failing example; keep the log of this run too (the
+        # cluster's directory stays after a failure), timed to read along the origin's journal.
+        with open(c.base / f"workload-failed-{started:.3f}.log", "wb") as f:
+            f.write(f"workload started {started:.3f}, ended {time.time():.3f}\n".encode())
+            f.write(os.fsencode("\n".join(f"{t:.3f} {line}" for t, line in zip(executor.times, executor.log))))
         raise AssertionError(f"{e}\nworkload log:\n  " + "\n  ".join(log)) from None
     finally:
         results = [r.stop() for r in readers]

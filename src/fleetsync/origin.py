@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from fleetsync import paths
-from fleetsync.detect import Detector
+from fleetsync.detect import Detector, HintSink, TracingSink
 from fleetsync.detect.inotify import InotifyDetector
 from fleetsync.detect.scan import ScanDetector
 from fleetsync.index.hot import HotBlobs
@@ -86,7 +86,13 @@ class Origin:
             self.fallback_scan = ScanDetector(self.root, self.journal.db_path, interval=self.scan_interval,
                                               rate=self.scan_rate, scopes=det.unwatched)
             if self._detecting:
-                self.fallback_scan.start(self.indexer)
+                self.fallback_scan.start(self._sink())
+
+    def _sink(self) -> HintSink:
+        """Where detectors send hints: the indexer (through a logging wrapper with debug logging on)."""
+        if logging.getLogger("fleetsync.hints").isEnabledFor(logging.DEBUG):
+            return TracingSink(self.indexer)
+        return self.indexer
 
     def _committed(self, n: int) -> None:
         self.server.notify()
@@ -123,10 +129,10 @@ class Origin:
                 await asyncio.get_running_loop().run_in_executor(None, prewatch)
             finally:
                 self.indexer.scanning -= 1
-        self.detector.start(self.indexer)
+        self.detector.start(self._sink())
         self._detecting = True
         if self.fallback_scan is not None:
-            self.fallback_scan.start(self.indexer)
+            self.fallback_scan.start(self._sink())
         self.indexer.drain = self.detector.drain
         log.info("%s %s", "indexing" if first else "reconciling", self.root)
         self.indexer.rescan(b"")

@@ -100,6 +100,7 @@ class Executor:
         self.abs_base = os.path.join(self.root, base)
         os.makedirs(self.abs_base, exist_ok=True)
         self.log: list[str] = []
+        self.times: list[float] = []  # time.time() after each log line's operation
 
     # ------------------------------------------------------------- tree queries
     def _scan(self) -> tuple[list[bytes], list[bytes], list[bytes]]:
@@ -163,6 +164,7 @@ class Executor:
             files.append(rel)
             k += 1
         self.log.extend("seed: " + m for m in made)
+        self.times.extend([time.time()] * len(made))
         return made
 
     # ------------------------------------------------------------- execution
@@ -174,6 +176,7 @@ class Executor:
             except OSError as e:
                 msg = f"skipped ({e.__class__.__name__}: {e.strerror})"
             self.log.append(f"{op.kind}: {msg}")
+            self.times.append(time.time())
         return self.log
 
     def _do_sleep(self, op: Op) -> str:

@@ -42,3 +42,37 @@ class Detector(Protocol):
 
     def close(self) -> None:
         """Stop watching."""
+
+
+class TracingSink:
+    """A HintSink that logs every hint (logger `fleetsync.hints`, DEBUG) before passing it on."""
+
+    def __init__(self, sink: HintSink) -> None:
+        import logging
+        self._sink = sink
+        self._log = logging.getLogger("fleetsync.hints")
+
+    def changed(self, path: bytes, *, writing: bool = False, closed: bool = False) -> None:
+        """Log, then forward."""
+        self._log.debug("changed %r writing=%s closed=%s", path, writing, closed)
+        self._sink.changed(path, writing=writing, closed=closed)
+
+    def removed(self, path: bytes) -> None:
+        """Log, then forward."""
+        self._log.debug("removed %r", path)
+        self._sink.removed(path)
+
+    def moved(self, old: bytes, new: bytes, is_dir: bool) -> None:
+        """Log, then forward."""
+        self._log.debug("moved %r -> %r dir=%s", old, new, is_dir)
+        self._sink.moved(old, new, is_dir)
+
+    def rescan(self, path: bytes) -> None:
+        """Log, then forward."""
+        self._log.debug("rescan %r", path)
+        self._sink.rescan(path)
+
+    def root_lost(self, reason: str) -> None:
+        """Log, then forward."""
+        self._log.debug("root_lost %s", reason)
+        self._sink.root_lost(reason)
