@@ -302,3 +302,86 @@ def test_move_under_a_new_parent_moved_on_before_it_is_recorded(tmp_path: Path) 
     got = j.get(b"b/f")
     assert got is not None and got.kind == FILE and got.size == len(b"content")
     assert j.get(b"f") is None and j.get(b"n") is None and j.get(b"n/f") is None
+
+
+def test_moves_into_a_directory_an_earlier_move_of_the_batch_made(tmp_path: Path) -> None:
+    """q/iow -> w/iow, then g -> w/iow/g, w/iow/else/x -> w/iow/b and w/iow -> k/iow, all reported
+    in one batch after the fact. w/iow is in the manifest only through the first move of the
+    batch and no longer on disk: the moves into it must still be recorded (a soak lost both)."""
+    root, j, ix = _indexer(tmp_path)
+    for d in ("q/iow/else/x/sub", "g", "w", "k"):
+        (root / d).mkdir(parents=True)
+    (root / "q" / "iow" / "else" / "x" / "sub" / "f").write_bytes(b"f")
+    (root / "g" / "h").write_bytes(b"h")
+    os.chmod(root / "q" / "iow", 0o711)
+    for p in (b"q", b"q/iow", b"q/iow/else", b"q/iow/else/x", b"q/iow/else/x/sub", b"q/iow/else/x/sub/f",
+              b"g", b"g/h", b"w", b"k"):
+        ix.changed(p, closed=True)
+    asyncio.run(_settle(ix))
+    moves = [("q/iow", "w/iow"), ("g", "w/iow/g"), ("w/iow/else/x", "w/iow/b"), ("w/iow", "k/iow")]
+    for old, new in moves:
+        os.rename(root / old, root / new)
+
+    async def run() -> None:
+        for old, new in moves:
+            ix.moved(old.encode(), new.encode(), True)
+        await _settle(ix)
+
+    asyncio.run(run())
+    want = {b"q", b"w", b"k", b"k/iow", b"k/iow/else", b"k/iow/g", b"k/iow/g/h", b"k/iow/b", b"k/iow/b/sub",
+            b"k/iow/b/sub/f"}
+    assert {p for p, _ in j.snapshot()[1]} == want
+    iow = j.get(b"k/iow")
+    assert iow is not None and iow.mode == 0o711, iow
+    assert not [r for r in j.read(0, 1000) if r.op == "del"], "nothing was deleted"
+
+
+def test_move_into_a_parent_gone_from_disk_is_found_where_the_batch_took_it(tmp_path: Path) -> None:
+    """d -> a/n/d, where the manifest lacks n and n is no longer on disk because a -> c followed
+    in the same batch: the move cannot be recorded, but d and its content are found at c/n/d
+    (and n keeps its mode)."""
+    root, j, ix = _indexer(tmp_path)
+    (root / "d").mkdir()
+    (root / "d" / "g").write_bytes(b"content")
+    for p in (b"d", b"d/g", b"a"):
+        ix.changed(p, closed=True)
+    asyncio.run(_settle(ix))
+    (root / "a" / "n").mkdir()
+    os.chmod(root / "a" / "n", 0o701)
+    os.rename(root / "d", root / "a" / "n" / "d")
+    os.rename(root / "a", root / "c")
+
+    async def run() -> None:
+        ix.moved(b"d", b"a/n/d", True)
+        ix.moved(b"a", b"c", True)
+        await _settle(ix)
+
+    asyncio.run(run())
+    assert {p for p, _ in j.snapshot()[1]} == {b"c", b"c/n", b"c/n/d", b"c/n/d/g"}
+    n = j.get(b"c/n")
+    assert n is not None and n.mode == 0o701, n
+
+
+def test_misplaced_move_source_carried_by_a_later_move_is_looked_at_there(tmp_path: Path) -> None:
+    """s/f -> s/sub/new/f, where s/sub/new was never a directory (the detector resolved a parent
+    through a rename it had not read yet), then s -> t. The move cannot be placed; f's entry,
+    which the move s -> t carries to t/f, must not stay in the manifest (a soak found it there)."""
+    root, j, ix = _indexer(tmp_path)
+    (root / "s" / "sub").mkdir(parents=True)
+    (root / "s" / "f").write_bytes(b"content")
+    for p in (b"s", b"s/sub", b"s/f"):
+        ix.changed(p, closed=True)
+    asyncio.run(_settle(ix))
+    (root / "x").mkdir()
+    os.rename(root / "s" / "f", root / "x" / "f")
+    os.rename(root / "s", root / "t")
+
+    async def run() -> None:
+        ix.moved(b"s/f", b"s/sub/new/f", False)  # wrong: f went to x/f
+        ix.moved(b"s", b"t", True)
+        ix.changed(b"x", closed=True)
+        await _settle(ix)
+
+    asyncio.run(run())
+    assert j.get(b"t/f") is None and j.get(b"s/f") is None
+    assert j.get(b"t/sub/new") is None and j.get(b"t/sub") is not None

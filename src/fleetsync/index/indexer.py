@@ -494,30 +494,25 @@ class Indexer:
 
     def _commit_moves(self, moves: list[Change]) -> None:
         """Commit detector renames in order; a rename of something the manifest does not know, or onto a
-        directory the manifest holds entries under, is a rescan of its destination."""
+        directory the manifest holds entries under, is a rescan of its destination.
+
+        A destination directory the manifest lacks (at that point of the batch: an earlier move
+        may have made it) is recorded from the disk first. If it is not a directory on disk any
+        more (moved on or removed since, or the detector named a place the directory had only
+        later), it is not recorded from nothing (a default mode would travel with it): the move's
+        source is looked at again and its destination rescanned, each where the later moves of
+        the batch took it.
+        """
         if not moves:
             return
         unknown: list[Change] = []
-        batch: list[Change] = []
-        added: set[bytes] = set()
-        for m in moves:
-            missing = [a for a in reversed(_ancestors(m.path)) if a not in added and self.j.get(a) is None]
-            entries = [self._dir_stat(a) for a in missing]
-            if None in entries:
-                # A parent the manifest lacks is no longer a directory (moved on or removed since):
-                # recorded from nothing, its default mode would travel with its own move. Both
-                # sides are looked at instead; a later move of that parent, unknown to the
-                # manifest, rescans its destination.
-                assert m.old_path is not None
-                self.changed(m.old_path)
-                self.changed(m.path)
-                continue
-            batch.extend(Change(PUT, a, e) for a, e in zip(missing, entries))
-            added.update(_ancestors(m.path))
-            batch.append(m)
-        recs = self.j.commit(batch, unresolved=unknown)
+        misplaced: list[tuple[Change, bytes, bytes]] = []
+        recs = self.j.commit(moves, unresolved=unknown, parent=self._dir_stat, misplaced=misplaced)
         for m in unknown:
             self.rescan(m.path)
+        for _, src, dst in misplaced:
+            self.changed(src)
+            self.rescan(dst)
         if recs:
             self.records_written += len(recs)
             self.on_commit(len(recs))

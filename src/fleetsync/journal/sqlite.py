@@ -7,9 +7,11 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
+from fleetsync import paths
 from fleetsync.entry import DELETE, DIR, FILE, LINK, MOVE, PUT, Entry, Record
 
 SCHEMA = """
@@ -239,7 +241,9 @@ class SqliteJournal:
 
     # -- writes ----------------------------------------------------------------------------------
     def commit(self, changes: Iterable[Change], now: float | None = None,
-               unresolved: list[Change] | None = None) -> list[Record]:
+               unresolved: list[Change] | None = None,
+               parent: Callable[[bytes], Entry | None] | None = None,
+               misplaced: list[tuple[Change, bytes, bytes]] | None = None) -> list[Record]:
         """Origin: assign seqs to changes, append them and update the manifest in one transaction.
 
         A MOVE without an entry takes the manifest entry of its old path at that point of the
@@ -247,15 +251,28 @@ class SqliteJournal:
         appended to `unresolved`. A MOVE onto a path that has descendants at that point (a
         rename cannot replace a non-empty directory on disk, so a hint was placed wrong) is
         applied and also appended to `unresolved`: the caller compares the destination with the disk.
+
+        With `parent`, a MOVE's destination directories the manifest lacks at that point (an
+        earlier move of the same transaction may have made them) are first recorded with the
+        entry `parent(path)` gives; where it gives None the move is skipped and appended to
+        `misplaced` with where its source and its destination are after the later moves of the
+        transaction (a later move of a directory above the source carries the source's entry).
         """
         ts = time.time() if now is None else now
         out: list[Record] = []
+        lost: list[list[Any]] = []  # [change, source now, destination now] for misplaced moves
         with self._lock:
             self.db.execute("BEGIN IMMEDIATE")
             try:
                 seq = self._head
                 for ch in changes:
                     entry = ch.entry
+                    if ch.op == MOVE and lost:
+                        assert ch.old_path is not None
+                        for m in lost:
+                            for k in (1, 2):
+                                if paths.is_under(m[k], ch.old_path):
+                                    m[k] = paths.rebase(m[k], ch.old_path, ch.path)
                     if ch.op == MOVE and entry is None:
                         assert ch.old_path is not None
                         entry = self.get(ch.old_path)
@@ -263,6 +280,17 @@ class SqliteJournal:
                             if unresolved is not None and entry is None:
                                 unresolved.append(ch)
                             continue
+                    if ch.op == MOVE and parent is not None:
+                        made = self._missing_dirs(ch.path, parent)
+                        if made is None:
+                            lost.append([ch, ch.old_path, ch.path])
+                            continue
+                        for anc, e in made:
+                            seq += 1
+                            rec = Record(seq, PUT, anc, e, None, ts)
+                            self._append(rec)
+                            self._apply_manifest(rec, None)
+                            out.append(rec)
                     if ch.op == MOVE and unresolved is not None and self._has_descendants(ch.path):
                         unresolved.append(ch)
                     seq += 1
@@ -277,6 +305,28 @@ class SqliteJournal:
             except BaseException:
                 self._rollback()
                 raise
+        if misplaced is not None:
+            misplaced.extend((m[0], m[1], m[2]) for m in lost)
+        return out
+
+    def _missing_dirs(self, path: bytes, parent: Callable[[bytes], Entry | None]
+                      ) -> list[tuple[bytes, Entry]] | None:
+        """Inside a write transaction: the ancestors of path the manifest lacks (or holds as
+        non-directories), outermost first, each with its entry from `parent`; None if one has none."""
+        missing: list[bytes] = []
+        p = paths.parent(path)
+        while p:
+            cur = self.get(p)
+            if cur is not None and cur.kind == DIR:
+                break  # the manifest holds every ancestor of a directory it holds
+            missing.append(p)
+            p = paths.parent(p)
+        out: list[tuple[bytes, Entry]] = []
+        for anc in reversed(missing):
+            e = parent(anc)
+            if e is None:
+                return None
+            out.append((anc, e))
         return out
 
     def update_local(self, path: bytes, local: LocalStat) -> None:
