@@ -7,6 +7,7 @@ and hashing. Backends (inotify, and later fanotify/scan/publish) implement `Dete
 
 from __future__ import annotations
 
+import logging
 from typing import Protocol
 
 
@@ -48,7 +49,6 @@ class TracingSink:
     """A HintSink that logs every hint (logger `fleetsync.hints`, DEBUG) before passing it on."""
 
     def __init__(self, sink: HintSink) -> None:
-        import logging
         self._sink = sink
         self._log = logging.getLogger("fleetsync.hints")
 

@@ -9,7 +9,6 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
 
 from fleetsync import paths
 from fleetsync.entry import DELETE, DIR, FILE, LINK, MOVE, PUT, Entry, Record
@@ -34,6 +33,11 @@ _ENTRY_COLS = "kind, mode, size, mtime, hash, target"
 def _entry(row: tuple) -> Entry:
     kind, mode, size, mtime, h, target = row
     return Entry(kind, mode, size or 0, mtime or 0, h, target)
+
+
+def _follow(path: bytes, old: bytes, new: bytes) -> bytes:
+    """Where path is after old was renamed to new."""
+    return paths.rebase(path, old, new) if paths.is_under(path, old) else path
 
 
 def _subtree_bounds(path: bytes) -> tuple[bytes, bytes]:
@@ -260,7 +264,7 @@ class SqliteJournal:
         """
         ts = time.time() if now is None else now
         out: list[Record] = []
-        lost: list[list[Any]] = []  # [change, source now, destination now] for misplaced moves
+        lost: list[tuple[Change, bytes, bytes]] = []  # misplaced moves: (change, source now, destination now)
         with self._lock:
             self.db.execute("BEGIN IMMEDIATE")
             try:
@@ -269,10 +273,8 @@ class SqliteJournal:
                     entry = ch.entry
                     if ch.op == MOVE and lost:
                         assert ch.old_path is not None
-                        for m in lost:
-                            for k in (1, 2):
-                                if paths.is_under(m[k], ch.old_path):
-                                    m[k] = paths.rebase(m[k], ch.old_path, ch.path)
+                        lost = [(m, _follow(src, ch.old_path, ch.path), _follow(dst, ch.old_path, ch.path))
+                                for m, src, dst in lost]
                     if ch.op == MOVE and entry is None:
                         assert ch.old_path is not None
                         entry = self.get(ch.old_path)
@@ -283,7 +285,7 @@ class SqliteJournal:
                     if ch.op == MOVE and parent is not None:
                         made = self._missing_dirs(ch.path, parent)
                         if made is None:
-                            lost.append([ch, ch.old_path, ch.path])
+                            lost.append((ch, ch.old_path, ch.path))
                             continue
                         for anc, e in made:
                             seq += 1
@@ -306,7 +308,7 @@ class SqliteJournal:
                 self._rollback()
                 raise
         if misplaced is not None:
-            misplaced.extend((m[0], m[1], m[2]) for m in lost)
+            misplaced.extend(lost)
         return out
 
     def _missing_dirs(self, path: bytes, parent: Callable[[bytes], Entry | None]
