@@ -385,3 +385,42 @@ def test_misplaced_move_source_carried_by_a_later_move_is_looked_at_there(tmp_pa
     asyncio.run(run())
     assert j.get(b"t/f") is None and j.get(b"s/f") is None
     assert j.get(b"t/sub/new") is None and j.get(b"t/sub") is not None
+
+
+def _known_dir_with_content(root: Path, j: SqliteJournal, ix: Indexer) -> None:
+    """a/d/e/f recorded in the manifest."""
+    (root / "a" / "d" / "e").mkdir(parents=True)
+    (root / "a" / "d" / "e" / "f").write_bytes(b"f")
+    for p in (b"a", b"a/d", b"a/d/e", b"a/d/e/f"):
+        ix.changed(p, closed=True)
+    asyncio.run(_settle(ix))
+    assert j.get(b"a/d/e/f") is not None
+
+
+def test_known_directory_found_gone_during_a_move_keeps_its_content(tmp_path: Path) -> None:
+    """a/d (a known directory with content) is looked at after a -> b happened on disk, and the
+    move is read while that batch is observed: the batch records a/d deleted (with everything
+    the manifest holds below it), so looking at b/d again must bring back its content too
+    (a soak lost b/d/e and b/d/e/f, the hint restored only b/d)."""
+    root, j, ix = _indexer(tmp_path)
+    _known_dir_with_content(root, j, ix)
+    ix.changed(b"a/d")  # e.g. a chmod
+    _batch_with_rename(ix, root, "a", "b", before_look=True)
+    assert {p for p, _ in j.snapshot()[1]} == {b"b", b"b/d", b"b/d/e", b"b/d/e/f"}
+
+
+def test_known_directory_found_gone_before_a_late_move_keeps_its_content(tmp_path: Path) -> None:
+    """As above, with the move a -> b read only after the batch that found a/d gone was recorded."""
+    root, j, ix = _indexer(tmp_path)
+    _known_dir_with_content(root, j, ix)
+    ix.changed(b"a/d")
+    os.rename(root / "a", root / "b")
+
+    async def run() -> None:
+        await asyncio.sleep(0.005)
+        await ix.process_ready()  # a/d: gone, deleted with its subtree
+        ix.moved(b"a", b"b", True)  # the delayed event
+        await _settle(ix)
+
+    asyncio.run(run())
+    assert {p for p, _ in j.snapshot()[1]} == {b"b", b"b/d", b"b/d/e", b"b/d/e/f"}

@@ -88,11 +88,13 @@ class Indexer:
         #: Manifest rows read for the batch being computed (None: not in the manifest).
         self._fetched: dict[bytes, Entry | None] = {}
         self._inflight = 0
-        #: Paths of the batch being observed: a move read meanwhile re-hints them at their new place.
+        #: Paths of the batch being observed: a move read meanwhile re-hints them at their new place
+        #: (and rescans those the manifest holds as directories).
         self._flight: list[bytes] = []
-        #: Paths recently found gone (path -> when): a directory move read later than it happened
-        #: (an event delayed in the detector) re-hints them at the new place too.
-        self._vanished: dict[bytes, float] = {}
+        self._flight_dirs: set[bytes] = set()
+        #: Paths recently found gone (path -> (when, was a directory in the manifest)): a directory
+        #: move read later than it happened (an event delayed in the detector) re-hints them too.
+        self._vanished: dict[bytes, tuple[float, bool]] = {}
         #: Directory moves read while a rescan runs: its hints in transit may name the old place.
         self._scan_moves: list[tuple[bytes, bytes]] = []
         #: Paths being walked by a rescan -> whether another walk was asked for meanwhile.
@@ -148,14 +150,16 @@ class Indexer:
             # The batch being observed may look at a path below after this rename happened on
             # disk (gone, and unknown to the manifest if new), or already did: have it looked at
             # again where it is now. (A moved file itself gets its hint below.)
+            # A directory the manifest holds is deleted with everything below it when found gone:
+            # it is walked again where it is now, not only hinted.
             prefix = old + b"/"
             for p in self._flight:
                 if p.startswith(prefix):
-                    self.changed(paths.rebase(p, old, new))
+                    self._look_again(paths.rebase(p, old, new), p in self._flight_dirs)
             if self._vanished:
                 for p in [p for p in self._vanished if p.startswith(prefix)]:
-                    del self._vanished[p]
-                    self.changed(paths.rebase(p, old, new))
+                    _, was_dir = self._vanished.pop(p)
+                    self._look_again(paths.rebase(p, old, new), was_dir)
             if self.scanning:
                 if len(self._scan_moves) < SCAN_MOVES_MAX:
                     self._scan_moves.append((old, new))
@@ -170,6 +174,12 @@ class Indexer:
         if not is_dir:
             self.changed(new)  # verify the destination once it settles
         self._wake.set()
+
+    def _look_again(self, path: bytes, walk: bool) -> None:
+        """Hint path again; also rescan it when it was a directory with entries the manifest held."""
+        if walk:
+            self.rescan(path)
+        self.changed(path)
 
     def rescan(self, path: bytes) -> None:
         """Compare a subtree with the manifest (hints for everything that differs).
@@ -453,11 +463,12 @@ class Indexer:
             parents = {a for p in ready for a in _ancestors(p)}.difference(fetched)
             fetched.update(dict.fromkeys(parents))
             fetched.update(self.j.get_many(sorted(parents)))
+            self._flight_dirs = {p for p in ready if (e := fetched.get(p)) is not None and e.kind == DIR}
             obs = await loop.run_in_executor(None, self._observe, ready, known)
             # Anything touched again while we were hashing is not settled: drop the result, keep the hint.
             self.drain()
             obs = [o for o in obs if o.path not in self.pending]
-            self._remember_vanished(obs)
+            self._remember_vanished(obs, fetched)
             self._fetched = fetched
             try:
                 changes = self._changes(obs, known)
@@ -471,20 +482,22 @@ class Indexer:
         finally:
             self._inflight = 0
             self._flight = []
+            self._flight_dirs = set()
         return 0.0 if len(ready) >= BATCH else delay
 
-    def _remember_vanished(self, obs: list[_Obs]) -> None:
+    def _remember_vanished(self, obs: list[_Obs], fetched: dict[bytes, Entry | None]) -> None:
         """Keep the paths this batch found gone for VANISHED_KEEP seconds (at most VANISHED_MAX)."""
         now = time.monotonic()
         if self._vanished and (len(self._vanished) > VANISHED_MAX
-                               or now - next(iter(self._vanished.values())) > VANISHED_KEEP):
-            self._vanished = {p: t for p, t in self._vanished.items() if now - t <= VANISHED_KEEP}
+                               or now - next(iter(self._vanished.values()))[0] > VANISHED_KEEP):
+            self._vanished = {p: v for p, v in self._vanished.items() if now - v[0] <= VANISHED_KEEP}
             while len(self._vanished) > VANISHED_MAX:
                 del self._vanished[next(iter(self._vanished))]
         for o in obs:
             if o.st is None and not o.unstable:
                 self._vanished.pop(o.path, None)
-                self._vanished[o.path] = now
+                e = fetched.get(o.path)
+                self._vanished[o.path] = (now, e is not None and e.kind == DIR)
 
     def _commit(self, changes: list[Change]) -> None:
         if changes:
