@@ -3,35 +3,15 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import pytest
 
 from fleetsync.detect import TracingSink
-
-
-class _Recorder:
-    def __init__(self) -> None:
-        self.calls: list[tuple[Any, ...]] = []
-
-    def changed(self, path: bytes, *, writing: bool = False, closed: bool = False) -> None:
-        self.calls.append(("changed", path, writing, closed))
-
-    def removed(self, path: bytes) -> None:
-        self.calls.append(("removed", path))
-
-    def moved(self, old: bytes, new: bytes, is_dir: bool) -> None:
-        self.calls.append(("moved", old, new, is_dir))
-
-    def rescan(self, path: bytes) -> None:
-        self.calls.append(("rescan", path))
-
-    def root_lost(self, reason: str) -> None:
-        self.calls.append(("root_lost", reason))
+from tests.helpers.sinks import RecordingSink
 
 
 def test_hints_are_logged_and_forwarded(caplog: pytest.LogCaptureFixture) -> None:
-    rec = _Recorder()
+    rec = RecordingSink()
     t = TracingSink(rec)
     with caplog.at_level(logging.DEBUG, logger="fleetsync.hints"):
         t.changed(b"a/\xff", closed=True)
