@@ -169,8 +169,13 @@ class InotifyDetector:
             self._sink.removed(old)  # type: ignore[union-attr]
 
     def _dir_moved(self, old: bytes, new: bytes) -> bool:
-        """Re-key watch state for a directory renamed inside the root; True if it must be rescanned."""
-        self._drop_tree(new)
+        """Re-key watch state for a directory renamed inside the root; True if it must be rescanned.
+
+        Watches already keyed under `new` are kept: a rename can only replace an empty directory
+        (whose watch ends with its IN_IGNORED), and a directory that appeared above `new` may have
+        been listed after this rename, so that adding its watches returned, and re-keyed, the
+        moved subtree's own watches (dropping them here left it unwatched).
+        """
         self._rebase_tree(old, new)
         # Unpaired moves out of the moved directory now live under its new name.
         for ck, (q, qdir) in list(self._moves.items()):

@@ -1,0 +1,75 @@
+"""inotify detector against the real kernel: watch bookkeeping across renames."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import pytest
+
+from fleetsync.detect.inotify import InotifyDetector
+from tests.helpers.sinks import RecordingSink
+
+pytestmark = pytest.mark.skipif(not hasattr(os, "uname") or os.uname().sysname != "Linux",
+                                reason="inotify is Linux-only")
+
+
+def test_subtree_moved_into_a_directory_created_a_moment_before_stays_watched(tmp_path: Path) -> None:
+    """mkdir k/p, and s/sub1 -> k/p/c between the watch on k/p being added and k/p being listed:
+    watching k/p then finds c and re-keys the moved subtree's watches (inotify_add_watch returns
+    the existing ones), so the move read next must not drop them (a soak lost every later change
+    below the moved directory)."""
+    root = tmp_path / "root"
+    (root / "s" / "sub1" / "xm" / "me").mkdir(parents=True)
+    (root / "k").mkdir()
+
+    async def run() -> RecordingSink:
+        det = InotifyDetector(str(root))
+        sink = RecordingSink()
+        det.start(sink)
+        try:
+            (root / "k" / "p").mkdir()
+            det.drain()  # k/p is watched (and was listed empty)
+            os.rename(root / "s" / "sub1", root / "k" / "p" / "c")
+            det.watch_tree(b"k/p")  # the listing that raced with the rename (as _appeared does)
+            det.drain()
+            await asyncio.sleep(0.05)  # the move pair is complete; nothing left to flush
+            (root / "k" / "p" / "c" / "xm" / "me" / "f.html").write_bytes(b"new")
+            det.drain()
+        finally:
+            det.close()
+        return sink
+
+    sink = asyncio.run(run())
+    assert ("moved", b"s/sub1", b"k/p/c", True) in sink.calls, sink.calls
+    assert ("changed", b"k/p/c/xm/me/f.html", False, True) in sink.calls, sink.calls
+
+
+def test_directory_renamed_over_an_empty_watched_directory_stays_watched(tmp_path: Path) -> None:
+    """s/a -> k/b where k/b was an empty watched directory: the victim's watch ends (IN_IGNORED)
+    without taking the moved directory's watches or its path with it."""
+    root = tmp_path / "root"
+    (root / "s" / "a" / "x").mkdir(parents=True)
+    (root / "k" / "b").mkdir(parents=True)
+
+    async def run() -> RecordingSink:
+        det = InotifyDetector(str(root))
+        sink = RecordingSink()
+        det.start(sink)
+        try:
+            os.rename(root / "s" / "a", root / "k" / "b")
+            det.drain()
+            await asyncio.sleep(0.05)
+            det.drain()  # the victim's IN_IGNORED, if it came late
+            (root / "k" / "b" / "f.html").write_bytes(b"1")
+            (root / "k" / "b" / "x" / "g.html").write_bytes(b"2")
+            det.drain()
+        finally:
+            det.close()
+        return sink
+
+    sink = asyncio.run(run())
+    assert ("moved", b"s/a", b"k/b", True) in sink.calls, sink.calls
+    assert ("changed", b"k/b/f.html", False, True) in sink.calls, sink.calls
+    assert ("changed", b"k/b/x/g.html", False, True) in sink.calls, sink.calls
