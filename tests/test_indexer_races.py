@@ -424,3 +424,46 @@ def test_known_directory_found_gone_before_a_late_move_keeps_its_content(tmp_pat
 
     asyncio.run(run())
     assert {p for p, _ in j.snapshot()[1]} == {b"b", b"b/d", b"b/d/e", b"b/d/e/f"}
+
+
+def test_directory_made_again_under_a_name_just_moved_away_is_recorded(tmp_path: Path) -> None:
+    """x -> y, then a new x (same mode): the detector sends the move, then a rescan of x. A walk
+    of x run before the move is committed compares the new x with the manifest's old x, finds
+    them equal and hints nothing; the move then takes x away (a soak lost the new x)."""
+    root, j, ix = _indexer(tmp_path)
+    (root / "x" / "sub").mkdir(parents=True)
+    for p in (b"x", b"x/sub"):
+        ix.changed(p, closed=True)
+    asyncio.run(_settle(ix))
+    os.rename(root / "x", root / "y")
+    (root / "x").mkdir()
+
+    async def run() -> None:
+        ix.moved(b"x", b"y", True)
+        ix.rescan(b"x")
+        await _settle(ix)
+
+    asyncio.run(run())
+    assert {p for p, _ in j.snapshot()[1]} == {b"x", b"y", b"y/sub"}
+
+
+def test_directory_made_again_while_a_walk_of_its_parent_runs(tmp_path: Path) -> None:
+    """As above, with a walk of the root already running when the move is read: the old name is
+    walked again once the move is committed."""
+    root, j, ix = _indexer(tmp_path)
+    (root / "x" / "sub").mkdir(parents=True)
+    for p in (b"x", b"x/sub"):
+        ix.changed(p, closed=True)
+    asyncio.run(_settle(ix))
+
+    async def run() -> None:
+        ix._walks[b""] = False  # a walk of the root is running (it compared x before the move)
+        ix.scanning += 1
+        os.rename(root / "x", root / "y")
+        (root / "x").mkdir()
+        ix.moved(b"x", b"y", True)
+        ix._walk_done(b"")
+        await _settle(ix)
+
+    asyncio.run(run())
+    assert {p for p, _ in j.snapshot()[1]} == {b"x", b"y", b"y/sub"}

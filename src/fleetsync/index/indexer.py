@@ -97,6 +97,8 @@ class Indexer:
         self._vanished: dict[bytes, tuple[float, bool]] = {}
         #: Directory moves read while a rescan runs: its hints in transit may name the old place.
         self._scan_moves: list[tuple[bytes, bytes]] = []
+        #: Rescans asked for while detector moves wait to be committed: they start after them.
+        self._deferred_walks: list[bytes] = []
         #: Paths being walked by a rescan -> whether another walk was asked for meanwhile.
         self._walks: dict[bytes, bool] = {}
         self._held: set[tuple[int, int]] | None = None
@@ -171,6 +173,10 @@ class Indexer:
         # Whether `old` is known is decided when the move is committed, in order with earlier
         # moves (a child of a directory moved a moment ago is known only under its new name).
         self._moves.append(Change(MOVE, new, None, old))
+        if is_dir and any(paths.is_under(old, w) or paths.is_under(w, old) for w in self._walks):
+            # A running walk compared what is at `old` now with the manifest from before this
+            # move (a directory made again under the old name looks unchanged): walk it again.
+            self.rescan(old)
         if not is_dir:
             self.changed(new)  # verify the destination once it settles
         self._wake.set()
@@ -193,6 +199,15 @@ class Indexer:
             if not self._walks[path]:
                 self._walks[path] = True
                 self.scanning += 1  # the rerun counts as pending work
+            return
+        if self._moves:
+            # A walk compares the disk with the manifest: it starts once the moves already read
+            # are committed (a directory made again under a name just moved away would otherwise
+            # match the manifest's entry for the old one, which the move then takes away).
+            if path not in self._deferred_walks:
+                self._deferred_walks.append(path)
+                self.scanning += 1
+            self._wake.set()
             return
         self._walks[path] = False
         self.scanning += 1
@@ -446,6 +461,11 @@ class Indexer:
             self.paused = None
         moves, self._moves = self._moves, []
         self._commit_moves(moves)
+        if self._deferred_walks:
+            walks, self._deferred_walks = self._deferred_walks, []
+            self.scanning -= len(walks)
+            for p in walks:
+                self.rescan(p)
         for p in ready:
             del self.pending[p]
         self._inflight = len(ready)
