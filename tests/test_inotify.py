@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,20 @@ pytestmark = pytest.mark.skipif(not hasattr(os, "uname") or os.uname().sysname !
                                 reason="inotify is Linux-only")
 
 
+def _watch(root: Path, steps: Callable[[InotifyDetector], Awaitable[None]]) -> RecordingSink:
+    """Run steps against a started detector on root; the hints it sent."""
+    async def run() -> RecordingSink:
+        det = InotifyDetector(str(root))
+        sink = RecordingSink()
+        det.start(sink)
+        try:
+            await steps(det)
+        finally:
+            det.close()
+        return sink
+    return asyncio.run(run())
+
+
 def test_subtree_moved_into_a_directory_created_a_moment_before_stays_watched(tmp_path: Path) -> None:
     """mkdir k/p, and s/sub1 -> k/p/c between the watch on k/p being added and k/p being listed:
     watching k/p then finds c and re-keys the moved subtree's watches (inotify_add_watch returns
@@ -24,24 +39,17 @@ def test_subtree_moved_into_a_directory_created_a_moment_before_stays_watched(tm
     (root / "s" / "sub1" / "xm" / "me").mkdir(parents=True)
     (root / "k").mkdir()
 
-    async def run() -> RecordingSink:
-        det = InotifyDetector(str(root))
-        sink = RecordingSink()
-        det.start(sink)
-        try:
-            (root / "k" / "p").mkdir()
-            det.drain()  # k/p is watched (and was listed empty)
-            os.rename(root / "s" / "sub1", root / "k" / "p" / "c")
-            det.watch_tree(b"k/p")  # the listing that raced with the rename (as _appeared does)
-            det.drain()
-            await asyncio.sleep(0.05)  # the move pair is complete; nothing left to flush
-            (root / "k" / "p" / "c" / "xm" / "me" / "f.html").write_bytes(b"new")
-            det.drain()
-        finally:
-            det.close()
-        return sink
+    async def steps(det: InotifyDetector) -> None:
+        (root / "k" / "p").mkdir()
+        det.drain()  # k/p is watched (and was listed empty)
+        os.rename(root / "s" / "sub1", root / "k" / "p" / "c")
+        det.watch_tree(b"k/p")  # the listing that raced with the rename (as _appeared does)
+        det.drain()
+        await asyncio.sleep(0.05)  # the move pair is complete; nothing left to flush
+        (root / "k" / "p" / "c" / "xm" / "me" / "f.html").write_bytes(b"new")
+        det.drain()
 
-    sink = asyncio.run(run())
+    sink = _watch(root, steps)
     assert ("moved", b"s/sub1", b"k/p/c", True) in sink.calls, sink.calls
     assert ("changed", b"k/p/c/xm/me/f.html", False, True) in sink.calls, sink.calls
 
@@ -53,23 +61,16 @@ def test_directory_renamed_over_an_empty_watched_directory_stays_watched(tmp_pat
     (root / "s" / "a" / "x").mkdir(parents=True)
     (root / "k" / "b").mkdir(parents=True)
 
-    async def run() -> RecordingSink:
-        det = InotifyDetector(str(root))
-        sink = RecordingSink()
-        det.start(sink)
-        try:
-            os.rename(root / "s" / "a", root / "k" / "b")
-            det.drain()
-            await asyncio.sleep(0.05)
-            det.drain()  # the victim's IN_IGNORED, if it came late
-            (root / "k" / "b" / "f.html").write_bytes(b"1")
-            (root / "k" / "b" / "x" / "g.html").write_bytes(b"2")
-            det.drain()
-        finally:
-            det.close()
-        return sink
+    async def steps(det: InotifyDetector) -> None:
+        os.rename(root / "s" / "a", root / "k" / "b")
+        det.drain()
+        await asyncio.sleep(0.05)
+        det.drain()  # the victim's IN_IGNORED, if it came late
+        (root / "k" / "b" / "f.html").write_bytes(b"1")
+        (root / "k" / "b" / "x" / "g.html").write_bytes(b"2")
+        det.drain()
 
-    sink = asyncio.run(run())
+    sink = _watch(root, steps)
     assert ("moved", b"s/a", b"k/b", True) in sink.calls, sink.calls
     assert ("changed", b"k/b/f.html", False, True) in sink.calls, sink.calls
     assert ("changed", b"k/b/x/g.html", False, True) in sink.calls, sink.calls
