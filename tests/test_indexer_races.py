@@ -92,8 +92,8 @@ def test_directory_rename_during_observation_keeps_the_new_entry(tmp_path: Path,
         assert j.get(b"b/x") is not None
 
 
-def test_rescan_hint_in_transit_across_a_directory_move(tmp_path: Path) -> None:
-    """A rescan listed a/x, then a -> b was read before the hint reached the loop: b/x is recorded."""
+def _walk_hint_across_a_move(tmp_path: Path, *, remembered: bool) -> SqliteJournal:
+    """A rescan listed a/x, then a -> b is read before the walk's hint for a/x reaches the loop."""
     root, j, ix = _indexer(tmp_path)
     ix.changed(b"a", closed=True)
     asyncio.run(_settle(ix))
@@ -103,12 +103,20 @@ def test_rescan_hint_in_transit_across_a_directory_move(tmp_path: Path) -> None:
         ix.scanning += 1  # a rescan thread is walking; it has listed a/x
         os.rename(root / "a", root / "b")
         ix.moved(b"a", b"b", True)  # the move is dispatched first ...
+        if not remembered:
+            assert not ix._scan_moves
         ix._scan_hint(b"a/x")  # ... then the walk's hint arrives, naming the old place
         ix._scan_done()
         assert not ix._scan_moves  # forgotten once no rescan runs
         await _settle(ix)
 
     asyncio.run(run())
+    return j
+
+
+def test_rescan_hint_in_transit_across_a_directory_move(tmp_path: Path) -> None:
+    """A rescan listed a/x, then a -> b was read before the hint reached the loop: b/x is recorded."""
+    j = _walk_hint_across_a_move(tmp_path, remembered=True)
     assert j.get(b"b/x") is not None and j.get(b"a") is None
 
 
@@ -260,21 +268,7 @@ def test_directory_moves_past_the_bound_during_a_rescan_walk_their_destination(
     import fleetsync.index.indexer as indexer_mod
 
     monkeypatch.setattr(indexer_mod, "SCAN_MOVES_MAX", 0)
-    root, j, ix = _indexer(tmp_path)
-    ix.changed(b"a", closed=True)
-    asyncio.run(_settle(ix))
-    (root / "a" / "x").mkdir()
-
-    async def run() -> None:
-        ix.scanning += 1  # a rescan thread is walking; it has listed a/x
-        os.rename(root / "a", root / "b")
-        ix.moved(b"a", b"b", True)
-        assert not ix._scan_moves
-        ix._scan_hint(b"a/x")
-        ix._scan_done()
-        await _settle(ix)
-
-    asyncio.run(run())
+    j = _walk_hint_across_a_move(tmp_path, remembered=False)
     assert j.get(b"b/x") is not None and j.get(b"a") is None
 
 
