@@ -85,6 +85,9 @@ class Indexer:
         self._root_id = (st.st_dev, st.st_ino)
         self._wake = asyncio.Event()
         self._shadow: dict[bytes, Entry | None] = {}
+        #: Unchanged files of the batch whose stat identity moved on (a rename changes the ctime),
+        #: refreshed in the batch's commit so they are not hashed again next time.
+        self._touched: list[tuple[bytes, LocalStat]] = []
         #: Manifest rows read for the batch being computed (None: not in the manifest).
         self._fetched: dict[bytes, Entry | None] = {}
         self._inflight = 0
@@ -520,10 +523,12 @@ class Indexer:
                 self._vanished[o.path] = (now, e is not None and e.kind == DIR)
 
     def _commit(self, changes: list[Change]) -> None:
-        if changes:
-            recs = self.j.commit(changes)
+        touched, self._touched = self._touched, []
+        if changes or touched:
+            recs = self.j.commit(changes, touched=touched)
             self.records_written += len(recs)
-            self.on_commit(len(recs))
+            if recs:
+                self.on_commit(len(recs))
 
     def _commit_moves(self, moves: list[Change]) -> None:
         """Commit detector renames in order; a rename of something the manifest does not know, or onto a
@@ -626,6 +631,7 @@ class Indexer:
     def _changes(self, obs: list[_Obs], known: dict[bytes, tuple[Entry, LocalStat | None]] | None = None
                  ) -> list[Change]:
         changes: list[Change] = []
+        self._touched = []
         # Files of this batch that are gone from disk, by the inode they had: a new path in the
         # same batch with that inode and content is the same file renamed (e.g. while the origin
         # was down), shipped as a move.
@@ -649,8 +655,9 @@ class Indexer:
             cur = self.j_get(o.path, changes)
             e = o.entry
             if cur is not None and cur == e:
-                if e.kind == FILE and o.local is not None:
-                    self.j.update_local(o.path, o.local)
+                row = (known or {}).get(o.path)
+                if e.kind == FILE and o.local is not None and (row is None or row[1] != o.local):
+                    self._touched.append((o.path, o.local))
                 continue
             if cur is None and o.st is not None:
                 src = self._renamed_from(o, gone_by_ino)

@@ -247,8 +247,12 @@ class SqliteJournal:
     def commit(self, changes: Iterable[Change], now: float | None = None,
                unresolved: list[Change] | None = None,
                parent: Callable[[bytes], Entry | None] | None = None,
-               misplaced: list[tuple[Change, bytes, bytes]] | None = None) -> list[Record]:
+               misplaced: list[tuple[Change, bytes, bytes]] | None = None,
+               touched: Iterable[tuple[bytes, LocalStat]] = ()) -> list[Record]:
         """Origin: assign seqs to changes, append them and update the manifest in one transaction.
+
+        `touched` (path, stat identity) pairs refresh the identity of unchanged files in the same
+        transaction (no record), so re-hashing them can be skipped next time.
 
         A MOVE without an entry takes the manifest entry of its old path at that point of the
         transaction; if the manifest has no such path the move is skipped and, when given,
@@ -300,6 +304,8 @@ class SqliteJournal:
                     self._append(rec)
                     self._apply_manifest(rec, ch.local)
                     out.append(rec)
+                for path, local in touched:
+                    self._touch(path, local)
                 if out:
                     self._set_head(seq)
                 self._save_count()
@@ -331,12 +337,11 @@ class SqliteJournal:
             out.append((anc, e))
         return out
 
-    def update_local(self, path: bytes, local: LocalStat) -> None:
-        """Origin: refresh the stat identity of an unchanged file (no record)."""
-        with self._lock:
-            if not self.db.execute("UPDATE manifest SET ctime=? WHERE path=? AND ino=?",
-                                   (local.ctime_ns, path, local.ino)).rowcount:
-                self.db.execute("UPDATE manifest SET ino=?, ctime=? WHERE path=?", (local.ino, local.ctime_ns, path))
+    def _touch(self, path: bytes, local: LocalStat) -> None:
+        """Inside a write transaction: refresh the stat identity of an unchanged file (no record)."""
+        if not self.db.execute("UPDATE manifest SET ctime=? WHERE path=? AND ino=?",
+                               (local.ctime_ns, path, local.ino)).rowcount:
+            self.db.execute("UPDATE manifest SET ino=?, ctime=? WHERE path=?", (local.ino, local.ctime_ns, path))
 
     def apply_records(self, records: list[Record], head: int | None = None,
                       meta: dict[str, str | None] | None = None) -> None:
