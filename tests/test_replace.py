@@ -9,7 +9,7 @@ import threading
 import pytest
 
 from fleetsync import paths
-from fleetsync.entry import DIR, FILE, PUT, Entry, Record
+from fleetsync.entry import DELETE, DIR, FILE, PUT, Entry, Record
 from fleetsync.hashing import hash_bytes
 from fleetsync.replica.follower import Replica
 from fleetsync.replica.fsops import ConfinedRoot
@@ -130,9 +130,54 @@ def test_background_cleanup_and_directory_removal_do_not_race(tmp_path) -> None:
         r.write_file(b"d/f%d" % i, b"b", fe(b"b"))
     r.write_file(b"keep/f", b"a", fe(b"a"))
     r.write_file(b"keep/f", b"b", fe(b"b"))
-    r.start_cleanup(r.take_trash())
+    assert r.defer_trash() == {b"d", b"keep"}
+    assert r.start_cleanup()
     r.delete(b"d")  # waits for the cleanup instead of racing its unlinks
     assert r.wait_cleanup() is None
     assert not (tmp_path / "root/d").exists()
     assert os.listdir(tmp_path / "root/keep") == ["f"]
     r.close()
+
+
+def test_deferred_delete_takes_the_path_at_once_and_the_file_at_the_flush(tmp_path) -> None:
+    r = ConfinedRoot(str(tmp_path / "root"))
+    r.write_file(b"d/f", b"content", fe(b"content"))
+    ino = os.lstat(tmp_path / "root/d/f").st_ino
+    r.delete(b"d/f", defer=True)
+    assert os.listdir(tmp_path / "root/d") == temps(tmp_path / "root/d")  # f is gone from its path
+    assert [os.lstat(tmp_path / "root/d" / t).st_ino for t in temps(tmp_path / "root/d")] == [ino]
+    assert r.defer_trash() == {b"d"} and r.deferred == 1
+    r.flush_trash()
+    assert os.listdir(tmp_path / "root/d") == [] and r.deferred == 0
+    r.close()
+
+
+def test_old_versions_wait_across_batches_and_a_crash_leaves_none_behind(tmp_path) -> None:
+    """Deleted (and replaced) versions of several committed batches wait for an idle moment; the
+    cursor commit names every directory holding one, so a restart after a crash sweeps them all."""
+    root, state = tmp_path / "root", tmp_path / "state"
+    state.mkdir()
+    for rel in ("d1/f", "d2/g", "d2/h"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(rel.encode())
+
+    async def crash() -> None:
+        rep = Replica(str(root), str(state), "http://127.0.0.1:9", "t")
+        await rep.apply_batch([Record(1, DELETE, b"d1/f", None)])
+        await rep.apply_batch([Record(2, DELETE, b"d2/g", None), Record(3, DELETE, b"d2/h", None)])
+        assert not (root / "d1/f").exists() and not (root / "d2/g").exists() and not (root / "d2/h").exists()
+        assert len(temps(root / "d1")) == 1 and len(temps(root / "d2")) == 2  # not unlinked yet
+        assert set(rep.journal.meta("trash").split()) == {b"d1".hex(), b"d2".hex()}
+        rep.journal.close()  # "crash": the replica dies with its old versions still on disk
+
+    async def restart() -> None:
+        rep = Replica(str(root), str(state), "http://127.0.0.1:9", "t")
+        try:
+            await rep.apply_batch([Record(4, PUT, b"other", Entry(DIR, 0o755, 0, 0))])
+            assert rep.journal.meta("trash") is None
+        finally:
+            await rep.close()
+
+    asyncio.run(crash())
+    asyncio.run(restart())
+    assert os.listdir(root / "d1") == [] and os.listdir(root / "d2") == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import resource
 import sys
 
 import click
@@ -20,10 +21,25 @@ def setup_logging(verbose: int) -> None:
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
 
+def raise_open_files_limit() -> int:
+    """Raise the soft limit of open descriptors to the hard limit (a replica holds one per old
+    version waiting to be unlinked and per cached directory); returns the soft limit now."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = 1 << 20 if hard == resource.RLIM_INFINITY else hard
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="fleetsync")
 def main() -> None:
     """Replicate a static content tree from one origin to a fleet of web servers."""
+    raise_open_files_limit()
 
 
 def _register() -> None:

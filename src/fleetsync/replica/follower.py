@@ -23,7 +23,7 @@ from fleetsync.replica.fsops import ConfinedRoot
 from fleetsync.replica.pipeline import BlobPipeline, RetryLater
 from fleetsync.transport import chunks
 from fleetsync.transport import compress as zstd_stream
-from fleetsync.transport.client import BlobChanged, BlobGone, UpstreamClient
+from fleetsync.transport.client import BlobChanged, BlobGone, FeedPage, UpstreamClient
 from fleetsync.transport.wire import BATCH_BLOB_MAX, GONE, OK
 
 log = logging.getLogger("fleetsync.replica")
@@ -35,6 +35,8 @@ FEED_LIMIT = 5000
 WRITERS = int(os.environ.get("FLEETSYNC_WRITERS", "0"))
 #: Bootstrap batches fetched and written concurrently.
 BOOTSTRAP_CONCURRENCY = 2
+#: Seconds without a new feed page after which the old versions of applied files are unlinked.
+CLEANUP_IDLE = 0.2
 
 
 @dataclass
@@ -140,8 +142,7 @@ class Replica:
             try:
                 if self.journal.meta("bootstrapped") is None:
                     await self.resync(bootstrap=True)
-                page = await self.client.feed(self.journal.head(), limit=FEED_LIMIT, wait=self.poll_wait,
-                                              error=self.last_error)
+                page = await self._next_page()
                 self.last_contact = time.time()
                 self.upstream_head = page.head
                 if page.journal_id != self.journal.journal_id:
@@ -170,6 +171,23 @@ class Replica:
                 await self._failed(f"internal error {type(e).__name__}: {e}", backoff)
                 backoff = min(backoff * 2, 5.0)
 
+    async def _next_page(self) -> FeedPage:
+        """The next feed page; old versions waiting to be unlinked go once no page came for CLEANUP_IDLE s."""
+        feed = self.client.feed(self.journal.head(), limit=FEED_LIMIT, wait=self.poll_wait, error=self.last_error)
+        if not self.fs.deferred:
+            return await feed
+        task = asyncio.ensure_future(feed)
+        try:
+            while self.fs.deferred:
+                done, _ = await asyncio.wait({task}, timeout=CLEANUP_IDLE)
+                if done:
+                    break
+                self.fs.start_cleanup()  # False while an earlier cleanup still runs: try again later
+            return await task
+        finally:
+            if not task.done():
+                task.cancel()
+
     async def _failed(self, msg: str, delay: float) -> None:
         if msg != self.last_error:
             log.error("replica %s: %s", self.id, msg)
@@ -182,6 +200,7 @@ class Replica:
     # -- bootstrap / resync ----------------------------------------------------------------------
     async def resync(self, *, bootstrap: bool) -> None:
         """Make the tree equal to the upstream's manifest snapshot (diff, not re-download)."""
+        self.fs.flush_trash(strict=False)
         self._cleanup_done()
         jid, seq, entries = await self.client.snapshot()
         log.info("%s from %s at seq %d", "bootstrapping" if bootstrap else "resyncing", self.upstream, seq)
@@ -411,19 +430,17 @@ class Replica:
             await pipe.close(ok)
             if not ok:
                 self.fs.flush_trash(strict=False)
-        # The old versions of replaced files are unlinked after the cursor commit, overlapping the
-        # next batch (they are not at any served path any more); the previous batch's are gone
-        # before this commit replaces the meta key that lets a restart sweep them after a crash.
+        # The old versions of replaced and deleted files (no longer at any served path) are
+        # unlinked after the cursor commit, once the replica is idle (see run) or when many wait:
+        # freeing their blocks is not on the path of the changes still arriving. The commit
+        # records every directory that may still hold one, so a restart after a crash sweeps them.
+        dirs = self.fs.defer_trash()
         self._cleanup_done()
-        trash = self.fs.take_trash()
-        try:
-            self.fs.sync()
-            self.journal.apply_records(recs, meta={"inflight": None,
-                                                   "trash": " ".join({d.hex() or "." for _, d, _ in trash}) or None})
-        except BaseException:
-            ConfinedRoot.drop_trash(trash)
-            raise
-        self.fs.start_cleanup(trash)
+        self.fs.sync()
+        self.journal.apply_records(recs, meta={"inflight": None,
+                                               "trash": " ".join(sorted(d.hex() or "." for d in dirs)) or None})
+        if self.fs.cleanup_due:
+            self.fs.start_cleanup()
         self.stats.batches += 1
         self.stats.records += len(recs)
         for cb in self.on_applied:
@@ -431,8 +448,8 @@ class Replica:
         return len(recs)
 
     def _cleanup_done(self) -> None:
-        """Wait until the previous batch's replaced versions are unlinked (normally long done)."""
-        err = self.fs.wait_cleanup()
+        """Report an error of a finished background cleanup, once."""
+        err, self.fs.cleanup_error = self.fs.cleanup_error, None
         if err is not None:
             log.warning("replica %s: removing replaced versions: %s (left under .fleetsync.*.tmp names, "
                         "which every walk ignores)", self.id, err)
@@ -451,7 +468,7 @@ class Replica:
         """Apply one record; returns True if it moved something (manifest shortcuts no longer hold)."""
         e = r.entry
         if r.op == DELETE:
-            self.fs.delete(r.path)
+            self.fs.delete(r.path, defer=True)
             return False
         if r.op == MOVE:
             assert r.old_path is not None

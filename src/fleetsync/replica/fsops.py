@@ -33,6 +33,8 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _RENAME_EXCHANGE = 2
 #: Replaced versions waiting to be unlinked before the next flush (bounds open descriptors).
 TRASH_MAX = 1024
+#: Committed old versions wait for an idle moment to be unlinked, at most this many of them.
+DEFER_MAX = 512
 _counter = itertools.count()
 _hints_lock = threading.Lock()
 
@@ -61,8 +63,13 @@ class ConfinedRoot:
         #: (descriptor of its directory, its directory's path, temp name) of each replaced version
         #: not yet unlinked.
         self._trash: list[tuple[int, bytes, bytes]] = []
-        #: The previous batch's old versions being unlinked in the background (see start_cleanup).
+        #: Replaced or deleted versions of committed batches waiting for start_cleanup().
+        self._deferred: list[tuple[int, bytes, bytes]] = []
+        #: Old versions being unlinked in the background (see start_cleanup), and their directories.
         self._cleaning: Future[OSError | None] | None = None
+        self._cleaning_dirs: set[bytes] = set()
+        #: The first error of a finished background cleanup not yet reported (see defer_trash).
+        self.cleanup_error: OSError | None = None
         self._cleaner: ThreadPoolExecutor | None = None
         self._hints: CachedReader | None = None
 
@@ -374,10 +381,13 @@ class ConfinedRoot:
             if ctypes.get_errno() in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
                 self._exchange = False  # filesystem or kernel without RENAME_EXCHANGE
             return False
-        self._trash.append((os.dup(sfd), sdir, tmp))
+        self._to_trash(sfd, sdir, tmp)
+        return True
+
+    def _to_trash(self, dfd: int, dpath: bytes, tmp: bytes) -> None:
+        self._trash.append((os.dup(dfd), dpath, tmp))
         if len(self._trash) >= TRASH_MAX:
             self.flush_trash()
-        return True
 
     def take_trash(self) -> list[tuple[int, bytes, bytes]]:
         """Hand over the replaced versions waiting under temp names (unlink them with drop_trash)."""
@@ -400,27 +410,57 @@ class ConfinedRoot:
         return err
 
     def flush_trash(self, strict: bool = True) -> None:
-        """Unlink the replaced versions now, and wait for a background cleanup (errors raised if strict)."""
+        """Unlink every old version now (deferred ones too), after a background cleanup (errors raised if strict)."""
         err = self.wait_cleanup()
-        err = self.drop_trash(self.take_trash()) or err
+        deferred, self._deferred = self._deferred, []
+        err = self.drop_trash(deferred + self.take_trash()) or err
         if err is not None and strict:
             raise FleetsyncError(f"removing a replaced version under {self.root!r}: {err}") from err
 
-    def start_cleanup(self, trash: list[tuple[int, bytes, bytes]]) -> None:
-        """Unlink take_trash()'s old versions on a background thread (after the previous cleanup).
+    def defer_trash(self) -> set[bytes]:
+        """Hand the batch's old versions to the deferred cleanup (call before the cursor commit).
+
+        Returns every directory that may still hold an old version under a temp name (deferred,
+        or being unlinked now): a restart after a crash sweeps them. A finished background
+        cleanup's error is kept in `cleanup_error`.
+        """
+        if self._cleaning is not None and self._cleaning.done():
+            self.cleanup_error = self.wait_cleanup() or self.cleanup_error
+        self._deferred.extend(self.take_trash())
+        return {d for _, d, _ in self._deferred} | self._cleaning_dirs
+
+    @property
+    def cleanup_due(self) -> bool:
+        """True when enough old versions wait that they should go now, idle or not."""
+        return len(self._deferred) >= DEFER_MAX
+
+    @property
+    def deferred(self) -> int:
+        """How many committed old versions wait for start_cleanup()."""
+        return len(self._deferred)
+
+    def start_cleanup(self) -> bool:
+        """Unlink the deferred old versions on a background thread; False if nothing was started
+        (none wait, or the previous cleanup still runs).
 
         Only unique temp names are unlinked, through descriptors of their directories, so this
         overlaps with later writes; removing or renaming a directory waits for it first.
         """
-        if not trash:
-            return
+        if not self._deferred or (self._cleaning is not None and not self._cleaning.done()):
+            return False
+        if self._cleaning is not None:
+            self.cleanup_error = self.wait_cleanup() or self.cleanup_error
+        trash, self._deferred = self._deferred, []
         if self._cleaner is None:
             self._cleaner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fleetsync-cleanup")
+        self._cleaning_dirs = {d for _, d, _ in trash}
         self._cleaning = self._cleaner.submit(self.drop_trash, trash)
+        return True
 
     def wait_cleanup(self) -> OSError | None:
         """Wait for the background cleanup, if any; returns its first error."""
         fut, self._cleaning = self._cleaning, None
+        self._cleaning_dirs = set()
         return fut.result() if fut is not None else None
 
     def write_file(self, path: bytes, data: bytes, e: Entry) -> None:
@@ -500,18 +540,32 @@ class ConfinedRoot:
         os.symlink(e.target, tmp, dir_fd=dfd)
         self._replace(dfd, tmp, path)
 
-    def delete(self, path: bytes) -> None:
-        """Remove path (recursively for directories); absent is fine."""
+    def delete(self, path: bytes, *, defer: bool = False) -> None:
+        """Remove path (recursively for directories); absent is fine.
+
+        With `defer`, a file is renamed to a temp name in its directory and unlinked with the
+        replaced versions (flush_trash, or the deferred cleanup after the batch's commit).
+        """
         try:
             dfd, nm = self._at(path)
             st = os.stat(nm, dir_fd=dfd, follow_symlinks=False)
         except (FileNotFoundError, NotADirectoryError, UnsafePath):
             return
         if stat.S_ISDIR(st.st_mode):
-            self.wait_cleanup()  # rmtree must not race the unlink of a temp inside
+            self.cleanup_error = self.wait_cleanup() or self.cleanup_error  # rmtree must not race its unlinks
             self.forget_dirs()
             dfd, nm = self._at(path)
             shutil.rmtree(nm, dir_fd=dfd)
+        elif defer:
+            # Renamed aside now (a directory entry change), unlinked with the replaced versions
+            # later: freeing a file's blocks is the expensive part of a delete.
+            tmp = self._temp_name()
+            try:
+                os.rename(nm, tmp, src_dir_fd=dfd, dst_dir_fd=dfd)
+            except OSError:
+                os.unlink(nm, dir_fd=dfd)
+            else:
+                self._to_trash(dfd, paths.parent(path), tmp)
         else:
             os.unlink(nm, dir_fd=dfd)
 
