@@ -21,8 +21,8 @@ from fleetsync.ops.verify import diff_trees, fingerprint_tree
 
 from harness.fleet import Fleet, NotConverged, Profiler
 from harness.peers import Lsyncd, expected_for, rsync_push, stat_key, wait_match
-from harness.util import (CpuAudit, Results, cpu_seconds, drop_caches, free_port, log, max_user_watches, median, now, percentile,
-                          sync_disks, wait_idle)
+from harness.util import (CpuAudit, Results, cpu_seconds, drop_caches, free_port, io_pressure, log, max_user_watches,
+                          median, now, percentile, sync_disks, wait_idle)
 
 FLEETSYNC = "fleetsync"
 RSYNC = "rsync"
@@ -282,8 +282,9 @@ class Bench:
         if self.args.wait_idle > 0:
             waited, level = wait_idle(self.args.wait_idle, min_watches=self.watches_needed())
             if waited > 1:
+                io = io_pressure()
                 log(f"  waited {waited:.0f}s for the machine to be idle (other processes now at "
-                    f"{level * 100:.0f}% of a CPU)")
+                    f"{level * 100:.0f}% of a CPU" + (f", I/O pressure {io * 100:.0f}%)" if io is not None else ")"))
         if self.cold:
             drop_caches()
         if getattr(self, "_audit", None) is None:  # one audit spans all repetitions until recorded

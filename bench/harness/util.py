@@ -289,12 +289,32 @@ def max_user_watches() -> int:
         return int(f.read())
 
 
-def wait_idle(max_wait: float, threshold: float = 0.15, min_watches: int = 0) -> tuple[float, float]:
-    """Wait (up to max_wait s) until other processes use less than `threshold` CPUs and
-    fs.inotify.max_user_watches is at least min_watches; returns (seconds waited, last foreign CPU level)."""
+def io_pressure() -> float | None:
+    """Share of the last 10 s in which some task waited for I/O (/proc/pressure/io "some avg10"), or None."""
+    try:
+        with open("/proc/pressure/io") as f:
+            for line in f:
+                if line.startswith("some "):
+                    return float(line.split("avg10=")[1].split()[0]) / 100
+    except (OSError, IndexError, ValueError):
+        pass
+    return None
+
+
+def wait_idle(max_wait: float, threshold: float = 0.15, min_watches: int = 0,
+              io_threshold: float = 0.05) -> tuple[float, float]:
+    """Wait (up to max_wait s) until other processes use less than `threshold` CPUs, the disk's
+    backlog of earlier writes is worked off (I/O pressure under `io_threshold`, where the kernel
+    reports it) and fs.inotify.max_user_watches is at least min_watches; returns (seconds waited,
+    last foreign CPU level)."""
     t0 = now()
     level = foreign_cpu_now()
-    while (level > threshold or max_user_watches() < min_watches) and now() - t0 < max_wait:
+
+    def busy() -> bool:
+        io = io_pressure()
+        return level > threshold or (io is not None and io > io_threshold) or max_user_watches() < min_watches
+
+    while busy() and now() - t0 < max_wait:
         time.sleep(1.0)
         level = foreign_cpu_now()
     return now() - t0, level
