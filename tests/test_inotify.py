@@ -74,3 +74,33 @@ def test_directory_renamed_over_an_empty_watched_directory_stays_watched(tmp_pat
     assert ("moved", b"s/a", b"k/b", True) in sink.calls, sink.calls
     assert ("changed", b"k/b/f.html", False, True) in sink.calls, sink.calls
     assert ("changed", b"k/b/x/g.html", False, True) in sink.calls, sink.calls
+
+
+@pytest.mark.parametrize("reuse", ["moved-in", "mkdir"])
+def test_name_reused_after_an_unpaired_move_out_keeps_its_new_watches(tmp_path: Path, reuse: str) -> None:
+    """P -> d/new/B where d/new was created a moment before (its watch comes too late for the
+    IN_MOVED_TO: the IN_MOVED_FROM stays unpaired), then C -> P (or mkdir P/k). The unpaired move
+    is flushed as a move out after the pairing wait; it must drop only the moved-away directory's
+    watches, not the ones now keyed under the reused name P (a soak lost every later change below P)."""
+    root = tmp_path / "root"
+    (root / "s" / "P" / "old").mkdir(parents=True)
+    (root / "o" / "C" / "k").mkdir(parents=True)
+    (root / "d").mkdir()
+
+    async def steps(det: InotifyDetector) -> None:
+        (root / "d" / "new").mkdir()
+        os.rename(root / "s" / "P", root / "d" / "new" / "B")  # before d/new is watched
+        if reuse == "moved-in":
+            os.rename(root / "o" / "C", root / "s" / "P")
+        else:
+            (root / "s" / "P" / "k").mkdir(parents=True)
+        det.drain()
+        await asyncio.sleep(0.1)  # past the pairing wait: the unpaired IN_MOVED_FROM is flushed
+        det.drain()
+        (root / "s" / "P" / "k" / "f.html").write_bytes(b"new")
+        (root / "d" / "new" / "B" / "old" / "g.html").write_bytes(b"moved")
+        det.drain()
+
+    sink = _watch(root, steps)
+    assert ("changed", b"s/P/k/f.html", False, True) in sink.calls, sink.calls
+    assert ("changed", b"d/new/B/old/g.html", False, True) in sink.calls, sink.calls

@@ -36,7 +36,8 @@ class InotifyDetector:
         self.wd_path: dict[int, bytes] = {}
         self.path_wd: dict[bytes, int] = {}
         self.unwatched: set[bytes] = set()
-        self._moves: dict[int, tuple[bytes, bool]] = {}
+        #: Unpaired IN_MOVED_FROM by cookie: (path, is_dir, the moved directory's watches then).
+        self._moves: dict[int, tuple[bytes, bool, frozenset[int]]] = {}
         self._lost: set[bytes] = set()
         self._prewatched = False
         self._added_at: dict[int, float] = {}
@@ -163,10 +164,34 @@ class InotifyDetector:
         self._flush_handle = None
         self.drain()
         moves, self._moves = self._moves, {}
-        for old, is_dir in moves.values():
+        for old, is_dir, wds in moves.values():
             if is_dir:
-                self._drop_tree(old)
+                self._drop_moved_out(old, wds)
             self._sink.removed(old)  # type: ignore[union-attr]
+
+    def _subtree_wds(self, rel: bytes) -> frozenset[int]:
+        return frozenset(wd for p, wd in self.path_wd.items() if paths.is_under(p, rel))
+
+    def _drop_moved_out(self, old: bytes, wds: frozenset[int]) -> None:
+        """Drop the watches of a directory that moved away from `old` (out of the tree, or to a
+        place watched too late for its IN_MOVED_TO): only `wds`, its watches when it left, and
+        only those still keyed under `old`. By now the name may hold another directory (moved in,
+        or made again) whose watches are keyed there, and the one that left may have been
+        re-keyed where it went (listing its new parent returned its existing watches)."""
+        if self._lost:
+            self._lost = {q for q in self._lost if not paths.is_under(q, old)}
+        self.unwatched.difference_update({u for u in self.unwatched if paths.is_under(u, old)})
+        for wd in wds:
+            q = self.wd_path.get(wd)
+            if q is None or not paths.is_under(q, old):
+                continue
+            del self.wd_path[wd]
+            if self.path_wd.get(q) == wd:
+                del self.path_wd[q]
+            try:
+                self.ino.rm_watch(wd)
+            except OSError:
+                pass
 
     def _dir_moved(self, old: bytes, new: bytes) -> bool:
         """Re-key watch state for a directory renamed inside the root; True if it must be rescanned.
@@ -178,9 +203,9 @@ class InotifyDetector:
         """
         self._rebase_tree(old, new)
         # Unpaired moves out of the moved directory now live under its new name.
-        for ck, (q, qdir) in list(self._moves.items()):
+        for ck, (q, qdir, wds) in list(self._moves.items()):
             if paths.is_under(q, old):
-                self._moves[ck] = (paths.rebase(q, old, new), qdir)
+                self._moves[ck] = (paths.rebase(q, old, new), qdir, wds)
         # Directories created inside it that we failed to watch under the old name.
         lost = {q for q in self._lost if paths.is_under(q, old)}
         self._lost -= lost
@@ -233,7 +258,7 @@ class InotifyDetector:
         p = paths.join(d, name)
         is_dir = bool(mask & F.ISDIR)
         if mask & F.MOVED_FROM:
-            self._moves[ev.cookie] = (p, is_dir)
+            self._moves[ev.cookie] = (p, is_dir, self._subtree_wds(p) if is_dir else frozenset())
             return
         if mask & F.MOVED_TO:
             src = self._moves.pop(ev.cookie, None)
