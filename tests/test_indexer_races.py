@@ -461,3 +461,38 @@ def test_directory_made_again_while_a_walk_of_its_parent_runs(tmp_path: Path) ->
 
     asyncio.run(run())
     assert {p for p, _ in j.snapshot()[1]} == {b"x", b"y", b"y/sub"}
+
+
+def test_scanner_mode_truncated_file_held_open_with_part_of_proc_unreadable(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """No close events (scanner): a file truncated by a writer that still holds it open must not be
+    recorded empty when the /proc walk after hashing cannot read every process (it still sees ours)."""
+    root = tmp_path / "root"
+    root.mkdir()
+    f = root / "page.html"
+    j = SqliteJournal(str(tmp_path / "o.db"), content_index=False)
+    ix = Indexer(str(root), j, settle=0.0, close_events=False)
+    ix._held_open()  # a cached view from before the writer opened the file
+    fd = os.open(f, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)  # the writer stalls after O_TRUNC
+    try:
+        real_listdir = os.listdir
+
+        def listdir(path):  # type: ignore[no-untyped-def]
+            if path == "/proc":
+                return [*real_listdir(path), "999999999"]
+            if path == "/proc/999999999/fd":
+                raise PermissionError(13, "Permission denied", path)  # e.g. another user's process
+            return real_listdir(path)
+
+        monkeypatch.setattr(os, "listdir", listdir)
+        ix.changed(b"page.html", closed=True)
+
+        async def run() -> None:
+            await asyncio.sleep(0.01)
+            await ix.process_ready()
+
+        asyncio.run(run())
+        assert j.get(b"page.html") is None, "an empty version held open by its writer was recorded"
+        assert b"page.html" in ix.pending, "the path must stay pending until the writer is done"
+    finally:
+        os.close(fd)

@@ -105,6 +105,8 @@ class Indexer:
         #: Paths being walked by a rescan -> whether another walk was asked for meanwhile.
         self._walks: dict[bytes, bool] = {}
         self._held: set[tuple[int, int]] | None = None
+        #: What the last /proc walk saw held open, even where it could not read every process.
+        self._held_seen: set[tuple[int, int]] = set()
         self._held_at = -1.0
         self.records_written = 0
         self.scan_rate = scan_rate
@@ -412,7 +414,7 @@ class Indexer:
         try:
             pids = [p for p in os.listdir("/proc") if p.isdigit()]
         except OSError:
-            self._held = None
+            self._held, self._held_seen = None, set()
             return None
         complete = True
         for pid in pids:
@@ -431,6 +433,7 @@ class Indexer:
                 if stat.S_ISREG(st.st_mode):
                     held.add((st.st_dev, st.st_ino))
         self._held = held if complete else None
+        self._held_seen = held
         return self._held
 
     def _check_root(self) -> None:
@@ -611,8 +614,11 @@ class Indexer:
             # our lstat and stalled for longer than the settle window; a cached view of /proc
             # could predate its open. Ask /proc again now that the content was read.
             hashed = [o for o in out if o.hashed and not o.unstable]
-            held = self._held_open(fresh=True) if hashed else None
-            if held is not None:
+            if hashed:
+                # Where /proc could not be read for every process, the files it could see held
+                # open still count (a partial view must not turn the check off).
+                self._held_open(fresh=True)
+                held = self._held_seen
                 now_ns = time.time_ns()
                 for o in hashed:
                     assert o.st is not None
