@@ -68,10 +68,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--size-scale", type=float, default=1.0, metavar="F",
                     help="multiply every generated file size by F (same file count and shape, F times the "
                          "bytes; e.g. 0.25 to fit 1M-file trees on a smaller disk). Default 1")
-    ap.add_argument("--verify", choices=["auto", "each", "last"], default="auto",
+    ap.add_argument("--verify", choices=["auto", "each", "last", "meta"], default="auto",
                     help="full fingerprint (BLAKE3 of every file) after every round ('each'), or a metadata "
-                         "comparison per round and the full one after each tool's last round ('last'); "
-                         "'auto' = each up to 100k files (default)")
+                         "comparison per round and the full one after each tool's last round ('last'), "
+                         "metadata only ('meta': paths, kinds, modes, sizes, mtimes; for 1M runs on a slow "
+                         "disk); 'auto' = each up to 100k files (default)")
     ap.add_argument("--workdir", default=None,
                     help="scratch dir for corpora (default: system temp dir if on the repo's disk, "
                          "else bench/work/); a run-<id> subdir is created and deleted unless --keep")

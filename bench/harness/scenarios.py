@@ -247,7 +247,9 @@ class Bench:
 
     def verify(self, roots: list[str]) -> list[str]:
         """Compare each root with the origin (fingerprints: paths, kinds, modes, sizes, mtimes, BLAKE3);
-        returns difference lines (empty when all are identical)."""
+        returns difference lines (empty when all are identical). With --verify meta, metadata only."""
+        if self.args.verify == "meta":
+            return self.quick_verify(roots)
         t = now()
         todo = list(roots)
         need_origin = self._origin_fp is None or self._origin_fp[0] != self.gen
