@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import shutil
+import socket
 import threading
 import time
 from pathlib import Path
@@ -12,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from fleetsync.entry import DIR, FILE
+from fleetsync.index import indexer as indexer_mod
 from fleetsync.index.indexer import Indexer
 from fleetsync.journal.sqlite import SqliteJournal
 
@@ -182,9 +185,12 @@ def test_rescans_of_one_path_coalesce_and_the_last_request_is_answered(tmp_path:
     assert j.get(b"late.html") is not None
 
 
-def test_scanner_mode_writer_finishing_during_the_proc_check(tmp_path: Path) -> None:
-    """No close events (scanner): a file hashed empty whose writer wrote and closed while /proc was
-    being read (so no process holds it any more) must not be recorded empty."""
+def test_scanner_mode_writer_finishing_during_the_proc_check(tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """No close events (scanner), read leases unavailable (the /proc fallback): a file hashed empty
+    whose writer wrote and closed while /proc was being read (so no process holds it any more)
+    must not be recorded empty."""
+    monkeypatch.setattr(indexer_mod, "open_for_write", lambda fd: None)
     root = tmp_path / "root"
     root.mkdir()
     f = root / "page.html"
@@ -465,8 +471,10 @@ def test_directory_made_again_while_a_walk_of_its_parent_runs(tmp_path: Path) ->
 
 def test_scanner_mode_truncated_file_held_open_with_part_of_proc_unreadable(tmp_path: Path,
                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    """No close events (scanner): a file truncated by a writer that still holds it open must not be
-    recorded empty when the /proc walk after hashing cannot read every process (it still sees ours)."""
+    """No close events (scanner), read leases unavailable (the /proc fallback): a file truncated by a
+    writer that still holds it open must not be recorded empty when the /proc walk after hashing
+    cannot read every process (it still sees ours)."""
+    monkeypatch.setattr(indexer_mod, "open_for_write", lambda fd: None)
     root = tmp_path / "root"
     root.mkdir()
     f = root / "page.html"
@@ -496,3 +504,58 @@ def test_scanner_mode_truncated_file_held_open_with_part_of_proc_unreadable(tmp_
         assert b"page.html" in ix.pending, "the path must stay pending until the writer is done"
     finally:
         os.close(fd)
+
+
+def _leases_work(path: Path) -> bool:
+    fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("close_events", [True, False], ids=["close-events", "scanner"])
+def test_truncating_open_still_in_the_kernel_is_not_recorded(tmp_path: Path, close_events: bool) -> None:
+    """An open(O_TRUNC) still inside the kernel shows the file empty with its old mtime and ctime
+    and has no descriptor in /proc yet (seen on ext4 under write load: a scanner soak recorded
+    such an empty version); the indexer must not record it. Simulated by a write descriptor in
+    flight in a unix socket: open for writing, in no process's descriptor table."""
+    root = tmp_path / "root"
+    root.mkdir()
+    f = root / "page.html"
+    if not _leases_work(f):
+        pytest.skip("read leases unavailable here (fs.leases-enable=0, or not the file's owner)")
+    j = SqliteJournal(str(tmp_path / "o.db"), content_index=False)
+    ix = Indexer(str(root), j, settle=0.0, close_events=close_events)
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        fd = os.open(f, os.O_WRONLY | os.O_TRUNC)
+        old = time.time() - 5
+        os.utime(fd, (old, old))  # quiet for longer than any settle window
+        socket.send_fds(a, [b"w"], [fd])
+        os.close(fd)  # now held only by the message in flight
+        ix.changed(b"page.html", closed=True)
+
+        async def run() -> None:
+            await asyncio.sleep(0.01)
+            await ix.process_ready()
+
+        asyncio.run(run())
+        assert j.get(b"page.html") is None, "an empty version still open for writing was recorded"
+        assert b"page.html" in ix.pending and ix.pending[b"page.html"].writing
+        # The writer gets its descriptor, writes and closes: that version is recorded.
+        _, fds, _, _ = socket.recv_fds(b, 1, 1)
+        os.write(fds[0], b"the real content")
+        os.close(fds[0])
+    finally:
+        a.close()
+        b.close()
+    ix.changed(b"page.html", closed=True)
+    asyncio.run(_settle(ix))
+    got = j.get(b"page.html")
+    assert got is not None and got.size == len(b"the real content")
+    assert all(r.entry is not None and r.entry.size > 0 for r in j.read(0, 100) if r.path == b"page.html")

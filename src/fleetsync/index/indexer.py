@@ -9,8 +9,11 @@ result is dropped if a new event for the path arrived while it was being hashed.
 from __future__ import annotations
 
 import asyncio
+import errno
+import fcntl
 import logging
 import os
+import signal
 import stat
 import threading
 import time
@@ -32,6 +35,8 @@ MAX_PENDING_SCAN = 20000
 #: How long (and how many) paths found gone are remembered for a directory move reported late.
 VANISHED_KEEP = 10.0
 VANISHED_MAX = 20000
+#: Signal a broken lease would send (ignored by default; the lease is dropped at once anyway).
+_LEASE_SIGNAL = signal.SIGURG
 #: Directory moves remembered for the hints of running rescans (each hint is checked against all).
 SCAN_MOVES_MAX = 256
 
@@ -54,6 +59,30 @@ class _Obs:
     local: LocalStat | None = None
     unstable: bool = False
     hashed: bool = False
+    #: A writer had the file open when it was looked at (None: could not tell).
+    busy: bool | None = None
+
+
+def open_for_write(fd: int) -> bool | None:
+    """Does any process have the file behind fd (opened read-only) open for writing? None: cannot tell.
+
+    A read lease is refused (EAGAIN) while the file is open for writing anywhere, including an
+    open(O_TRUNC) still inside the kernel: that one has no descriptor in /proc yet and, on ext4,
+    shows size 0 with the old mtime and ctime until its truncate finishes. A granted lease is
+    dropped at once. Needs the file's owner or CAP_LEASE and leases enabled (fs.leases-enable).
+    """
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETSIG, _LEASE_SIGNAL)  # not SIGIO: its default action kills
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+    except OSError as e:
+        if e.errno == errno.EAGAIN:
+            return True
+        return None
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+    except OSError:
+        pass  # closing the descriptor drops it too
+    return False
 
 
 class Indexer:
@@ -598,11 +627,19 @@ class Indexer:
             try:
                 digest, n, data = hash_fd_keep(fd, self.hot.item_max if self.hot is not None else -1,
                                                st.st_size)
+                # After the content was read: is a writer at work (an open(O_TRUNC) in progress
+                # included)? If none is, the stat below shows whether what was read is still there.
+                o.busy = open_for_write(fd)
                 st2 = os.fstat(fd)
             finally:
                 os.close(fd)
             if (n != st.st_size or st2.st_size != st.st_size or st2.st_mtime_ns != st.st_mtime_ns
                     or st2.st_ctime_ns != st.st_ctime_ns or st2.st_ino != st.st_ino):
+                o.unstable = True
+                continue
+            if o.busy and time.time_ns() - st.st_ctime_ns < self.open_timeout * 1e9:
+                # Held open for writing and changed lately: not complete yet (a writer that holds
+                # a file open but stopped changing it is recorded after open_timeout).
                 o.unstable = True
                 continue
             o.entry = entry_from_stat(st, hash_=digest)
@@ -612,8 +649,9 @@ class Indexer:
         if not self.close_events:
             # No close events (the scanner): a writer may have opened the file (O_TRUNC) before
             # our lstat and stalled for longer than the settle window; a cached view of /proc
-            # could predate its open. Ask /proc again now that the content was read.
-            hashed = [o for o in out if o.hashed and not o.unstable]
+            # could predate its open. Where the lease check above could not tell, ask /proc
+            # again now that the content was read.
+            hashed = [o for o in out if o.hashed and not o.unstable and o.busy is None]
             if hashed:
                 # Where /proc could not be read for every process, the files it could see held
                 # open still count (a partial view must not turn the check off).
@@ -651,7 +689,7 @@ class Indexer:
         known_dirs: set[bytes] = set()
         for o in obs:
             if o.unstable:
-                self.changed(o.path)
+                self.changed(o.path, writing=bool(o.busy))
                 continue
             if o.st is None or o.entry is None:
                 continue
