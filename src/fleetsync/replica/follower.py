@@ -202,6 +202,7 @@ class Replica:
         """Make the tree equal to the upstream's manifest snapshot (diff, not re-download)."""
         self.fs.flush_trash(strict=False)
         self._cleanup_done()
+        t0 = time.monotonic()
         jid, seq, entries = await self.client.snapshot()
         log.info("%s from %s at seq %d", "bootstrapping" if bootstrap else "resyncing", self.upstream, seq)
         stage = SnapshotStage(self.journal)
@@ -215,36 +216,50 @@ class Replica:
                 buf = []
         stage.add(buf)
         n += len(buf)
+        t1 = time.monotonic()
         fresh = bootstrap and self.journal.empty()
+        found: list[bytes] = []
+        if fresh:
+            # What the root held before anything is written (the new content is all in the
+            # snapshot): an empty root needs no look at the disk per file.
+            found = [p for p, _ in self.fs.walk()]
         batches = _Concurrent(BOOTSTRAP_CONCURRENCY)
         try:
-            await self._resync_walk(stage, fresh, batches)
+            await self._resync_walk(stage, fresh, batches, look=not fresh or bool(found))
             await batches.drain()
         finally:
             await batches.cancel()
         # Deletions last, after the new content is in place.
         if fresh:
-            extras = [p for p, _ in self.fs.walk() if not paths.IgnoreRules(()).ignored(p) and not stage.contains(p)]
+            keep = paths.IgnoreRules(())
+            extras = [p for p in found if not keep.ignored(p) and not stage.contains(p)]
         else:
             extras = stage.manifest_extras()
         for p in sorted(extras):
             if not stage.contains(p):
                 self.fs.delete(p)
         self.fs.flush_trash()
+        t2 = time.monotonic()
         self.fs.sync()
+        t3 = time.monotonic()
         stage.install(seq, jid)
         self.stats.bootstraps += 1
-        log.info("synchronized with %s at seq %d (%d entries)", self.upstream, seq, n)
+        log.info("synchronized with %s at seq %d (%d entries; snapshot %.1f s, content %.1f s, flush %.1f s, "
+                 "manifest %.1f s)", self.upstream, seq, n, t1 - t0, t2 - t1, t3 - t2, time.monotonic() - t3)
 
-    async def _resync_walk(self, stage: SnapshotStage, fresh: bool, batches: "_Concurrent") -> None:
-        """Put every staged entry in place; file content is fetched in concurrent batches."""
+    async def _resync_walk(self, stage: SnapshotStage, fresh: bool, batches: "_Concurrent", look: bool = True) -> None:
+        """Put every staged entry in place; file content is fetched in concurrent batches.
+
+        look=False: the root was empty, so no file can already be in place.
+        """
         pending: list[tuple[bytes, Entry]] = []
         pending_bytes = 0
         for p, e in stage.iter():
             if not fresh and stage.unchanged(p, e) and self._looks_applied(p, e):
                 continue
             if e.kind == FILE:
-                if self._settle_local_file(p, e):
+                # A fresh bootstrap has an empty manifest: no content is known locally by hash.
+                if look and self._settle_local_file(p, e, by_hash=not fresh):
                     continue
                 pending.append((p, e))
                 pending_bytes += min(e.size, BATCH_BLOB_MAX)
@@ -268,12 +283,14 @@ class Replica:
             return stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) == e.mode
         return stat.S_ISLNK(st.st_mode)
 
-    def _settle_local_file(self, p: bytes, e: Entry) -> bool:
+    def _settle_local_file(self, p: bytes, e: Entry, by_hash: bool = True) -> bool:
         """Use content already on disk (at p, or elsewhere by hash); True if p is now correct."""
         if self.fs.matches(p, e):
             self.fs.set_attrs(p, e)
             self.stats.files_reused += 1
             return True
+        if not by_hash:
+            return False
         for src in self.journal.paths_with_hash(e.hash):
             if src != p and self.fs.copy_file(src, p, e):
                 self.stats.files_reused += 1

@@ -359,25 +359,37 @@ def build_app(state: ServerState) -> web.Application:
         resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream", **enc.headers()})
         await resp.prepare(request)
         loop = asyncio.get_running_loop()
+
+        def read_at(at: int) -> asyncio.Future[list[tuple[int, bytes]]]:
+            return loop.run_in_executor(state.read_pool, state.read_group, digests[at:at + READ_GROUP],
+                                        hints[at:at + READ_GROUP])
+
         i = 0
         sent = 0
-        while i < len(digests):
-            group = digests[i:i + READ_GROUP]
-            results = await loop.run_in_executor(state.read_pool, state.read_group, group, hints[i:i + READ_GROUP])
-            parts = []
-            for d, (st, data) in zip(group, results):
-                parts.append(frame_header(d, st, len(data)))
-                parts.append(data)
-                sent += len(data)
-                if f is not None and not enc.enabled:
-                    f.bytes_sent += len(data)
-            i += len(results)
-            buf = b"".join(parts)
-            del parts, results
-            wire = await enc.write(resp, buf)
-            if f is not None and enc.enabled:
-                f.bytes_sent += wire
-            del buf
+        ahead = read_at(0) if digests else None
+        try:
+            while ahead is not None:
+                group = digests[i:i + READ_GROUP]
+                results = await ahead
+                # Read the next group while this one is sent (at most one group waits in memory).
+                ahead = read_at(i + len(results)) if i + len(results) < len(digests) else None
+                parts = []
+                for d, (st, data) in zip(group, results):
+                    parts.append(frame_header(d, st, len(data)))
+                    parts.append(data)
+                    sent += len(data)
+                    if f is not None and not enc.enabled:
+                        f.bytes_sent += len(data)
+                i += len(results)
+                buf = b"".join(parts)
+                del parts, results
+                wire = await enc.write(resp, buf)
+                if f is not None and enc.enabled:
+                    f.bytes_sent += wire
+                del buf
+        finally:
+            if ahead is not None:
+                ahead.cancel()  # the client went away: its result is not wanted
         wire = await enc.finish(resp)
         if f is not None and enc.enabled:
             f.bytes_sent += wire
