@@ -1,0 +1,116 @@
+#!/usr/bin/env python3
+"""Bootstrap of an empty replica, A/B: replica variants and `rsync -a`, alternating, one origin.
+
+    .venv/bin/python bench/bootstrap_ab.py --workdir DIR [--files 100000] [--reps 2] VARIANT...
+
+A VARIANT is `rsync`, or `NAME:` (the installed code), or `NAME:VAR=VALUE,VAR=VALUE` (environment
+of that replica only, e.g. `old:PYTHONPATH=/path/to/other/checkout/src` or
+`w2:FLEETSYNC_WRITERS=2`). The corpus (generated once, kept in DIR/origin) is indexed by one
+origin; each run bootstraps a new replica (or rsyncs to a new directory) and is timed until it is
+converged and flushed (rsync: then `sync`). The order alternates every repetition.
+
+Nothing is deleted between runs (DIR grows by one tree copy per run; remove it afterwards, then
+let the filesystem rest): on ext4 without a journal, as on the machine of BENCHMARKS.md, creating
+files next to inodes freed in the last minutes scans past each of them (`recently_deleted()`), and
+a run right after a large deletion measured 2-3x slower whatever the tool.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from harness.fleet import Fleet  # noqa: E402
+from harness.peers import rsync_push  # noqa: E402
+from harness.util import cpu_seconds, free_port, log, sync_disks, wait_idle  # noqa: E402
+
+from fleetsync.ops.corpus import generate  # noqa: E402
+
+
+def _variant(spec: str) -> tuple[str, dict[str, str]]:
+    name, _, env = spec.partition(":")
+    return name, dict(kv.split("=", 1) for kv in env.split(",") if kv)
+
+
+def _phases(logfile: str) -> str:
+    try:
+        with open(logfile, errors="replace") as f:
+            lines = [ln for ln in f if "synchronized with" in ln]
+        return lines[-1].rsplit("entries", 1)[-1].strip("; )\n") if lines else ""
+    except OSError:
+        return ""
+
+
+def main() -> int:
+    """Run the A/B and print each run and the medians."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--workdir", required=True)
+    ap.add_argument("--files", type=int, default=100000)
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--wait-idle", type=float, default=60.0)
+    ap.add_argument("variants", nargs="+")
+    a = ap.parse_args()
+    wd = os.path.abspath(a.workdir)
+    origin = os.path.join(wd, "origin")
+    done = origin + ".done"
+    if not os.path.exists(done):
+        t = time.time()
+        generate(origin, a.files, seed=a.seed, huge_dirs=1 if a.files >= 50000 else 0)
+        log(f"corpus of {a.files} files in {time.time() - t:.1f}s")
+        open(done, "w").close()
+    sync_disks()
+    fleet = Fleet(wd, origin, settle=0.2)
+    log(f"origin indexed in {fleet.start_origin(free_port()):.1f}s")
+    times: dict[str, list[float]] = {}
+    tag = f"{os.getpid()}"
+    try:
+        for r in range(a.reps):
+            for spec in (a.variants if r % 2 == 0 else a.variants[::-1]):
+                name, env = _variant(spec)
+                wait_idle(a.wait_idle)
+                if name == "rsync":
+                    res = rsync_push(origin, [os.path.join(wd, f"rsync-{tag}-{r}")], delete=False, sync=True)
+                    if not res["ok"]:
+                        raise RuntimeError(f"rsync exited {res['rc']}: {res['stderr']}")
+                    dt, extra = res["seconds"], ""
+                else:
+                    rid = f"b{tag}-{r}-{name}"
+                    st0 = fleet.status() or {}
+                    saved = {k: os.environ.get(k) for k in env}
+                    os.environ.update(env)
+                    try:
+                        t0 = fleet.start_replica(rid)
+                    finally:
+                        for k, v in saved.items():
+                            if v is None:
+                                os.environ.pop(k, None)
+                            else:
+                                os.environ[k] = v
+                    pid = fleet.replicas[rid].pid
+                    t, _ = fleet.wait_converged([rid], min_seq=st0.get("seq", 0), t_ref=t0, timeout=1800)
+                    dt = t - t0
+                    extra = f"  replica CPU {cpu_seconds(pid) or 0:.1f}s  {_phases(os.path.join(fleet.logs, f'replica-{rid}.log'))}"
+                    p = fleet.replicas.pop(rid)
+                    p.terminate()
+                    p.wait(10)
+                    sync_disks()
+                times.setdefault(name, []).append(dt)
+                log(f"rep {r + 1} {name}: {dt:.2f}s{extra}")
+    finally:
+        fleet.stop()
+    print(f"\nbootstrap of {a.files} files, {a.reps} repetitions, alternating order:")
+    print("| variant | runs (s) | median (s) |")
+    print("|---|---|---|")
+    for name, xs in times.items():
+        print(f"| {name} | {' / '.join(f'{x:.2f}' for x in xs)} | {statistics.median(xs):.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
