@@ -13,6 +13,10 @@ bytes, 100 per directory (split over --threads threads, default 1), then calls s
 - ``direct``: open the final name with O_CREAT, write, fchmod, utime (not atomic: the floor).
 
 Prints the wall time to all files created and to all flushed, per method, median over the trials.
+
+Each trial deletes its files. On ext4 without a journal (the machine of BENCHMARKS.md) creating a
+file next to inodes freed in the last minutes scans past each of them (`recently_deleted()`), so
+later trials pay for earlier ones: give --rest SECONDS (e.g. 400) to let the filesystem settle.
 """
 
 from __future__ import annotations
@@ -125,6 +129,7 @@ def main() -> int:
     ap.add_argument("--size", type=int, default=8192)
     ap.add_argument("--trials", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1, help="threads per process creating the files")
+    ap.add_argument("--rest", type=float, default=0.0, help="seconds to wait after each trial's deletion")
     ap.add_argument("--methods", default="tmpfile,named,direct")
     ap.add_argument("--dir", default=None, help="scratch directory (default: a temp dir under bench/)")
     a = ap.parse_args()
@@ -136,6 +141,7 @@ def main() -> int:
             order = methods if t % 2 == 0 else methods[::-1]
             for m in order:
                 c, f = trial(m, base, a.files, a.size, a.procs, a.threads)
+                time.sleep(a.rest)
                 got[m].append((c, f))
                 print(f"trial {t + 1} {m:8s} created {c:6.2f} s  flushed {f:6.2f} s", flush=True)
     finally:
