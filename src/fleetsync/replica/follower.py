@@ -218,22 +218,24 @@ class Replica:
         n += len(buf)
         t1 = time.monotonic()
         fresh = bootstrap and self.journal.empty()
-        found: list[bytes] = []
+        extras: list[bytes] = []
+        found = False
         if fresh:
-            # What the root held before anything is written (the new content is all in the
-            # snapshot): an empty root needs no look at the disk per file.
-            found = [p for p, _ in self.fs.walk()]
+            # What the root holds before anything is written and the snapshot lacks (everything
+            # written from now on is in it); an empty root needs no look at the disk per file.
+            keep = paths.IgnoreRules(())
+            for p, _ in self.fs.walk():
+                found = True
+                if not keep.ignored(p) and not stage.contains(p):
+                    extras.append(p)
         batches = _Concurrent(BOOTSTRAP_CONCURRENCY)
         try:
-            await self._resync_walk(stage, fresh, batches, look=not fresh or bool(found))
+            await self._resync_walk(stage, fresh, batches, look=not fresh or found)
             await batches.drain()
         finally:
             await batches.cancel()
         # Deletions last, after the new content is in place.
-        if fresh:
-            keep = paths.IgnoreRules(())
-            extras = [p for p in found if not keep.ignored(p) and not stage.contains(p)]
-        else:
+        if not fresh:
             extras = stage.manifest_extras()
         for p in sorted(extras):
             if not stage.contains(p):
