@@ -50,32 +50,32 @@ def _worker(method: str, root: str, files: int, size: int, threads: int, start: 
         p = os.path.join(root, f"d{d:05d}")
         os.mkdir(p)
         dfds.append(os.open(p, os.O_RDONLY | os.O_DIRECTORY))
+    excl = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    mtime = 1_600_000_000_000_000_000
+
+    def fill(fd: int) -> None:
+        os.write(fd, data)
+        os.fchmod(fd, 0o644)
+        os.utime(fd, ns=(mtime, mtime))
+
     def create(lo: int, hi: int) -> None:
         for i in range(lo, hi):
             dfd = dfds[i // per_dir]
             name = f"f{i:06d}.html"
             if method == "tmpfile":
                 fd = os.open(".", os.O_WRONLY | os.O_TMPFILE | os.O_CLOEXEC, 0o600, dir_fd=dfd)
-                os.write(fd, data)
-                os.fchmod(fd, 0o644)
-                os.utime(fd, ns=(1_600_000_000_000_000_000, 1_600_000_000_000_000_000))
+                fill(fd)
                 os.link(f"/proc/self/fd/{fd}", name, dst_dir_fd=dfd, follow_symlinks=True)
                 os.close(fd)
             elif method == "named":
                 tmp = f".fleetsync.{os.getpid()}.{i}.tmp"
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
-                             dir_fd=dfd)
-                os.write(fd, data)
-                os.fchmod(fd, 0o644)
-                os.utime(fd, ns=(1_600_000_000_000_000_000, 1_600_000_000_000_000_000))
+                fd = os.open(tmp, excl, 0o600, dir_fd=dfd)
+                fill(fd)
                 os.close(fd)
                 os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
             else:
-                fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
-                             dir_fd=dfd)
-                os.write(fd, data)
-                os.fchmod(fd, 0o644)
-                os.utime(fd, ns=(1_600_000_000_000_000_000, 1_600_000_000_000_000_000))
+                fd = os.open(name, excl, 0o600, dir_fd=dfd)
+                fill(fd)
                 os.close(fd)
 
     start.wait()
