@@ -83,6 +83,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
                     help="attach py-spy (record, raw collapsed stacks) to the origin and one replica")
     ap.add_argument("--profile-dir", default=os.path.join(REPO, "bench", "profiles"))
     ap.add_argument("--force", action="store_true", help="run even if the disk space check fails")
+    ap.add_argument("--rest", type=float, default=0.0, metavar="SECONDS",
+                    help="before a timed measurement, wait until SECONDS have passed since the harness last "
+                         "removed a tree (ext4 without a journal scans past inodes freed in the last 60-360 s "
+                         "when creating files; 400 covers it; default 0)")
     ap.add_argument("--wait-idle", type=float, default=120.0, metavar="SECONDS",
                     help="before each timed run wait up to this long for other processes to go quiet "
                          "(default 120; 0 = don't wait). CPU used by others during a run is recorded either way")

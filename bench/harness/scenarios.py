@@ -122,6 +122,8 @@ class Bench:
         self.origin_index_s: float | None = None
         self.origin_hwm_after_index: int | None = None
         self.hwm_trace: dict[str, dict[str, int | None]] = {}
+        #: When the harness last removed a tree (see --rest).
+        self.removed_at: float | None = None
 
     # -- setup -----------------------------------------------------------------------------------
     def ensure_corpus(self) -> None:
@@ -281,6 +283,10 @@ class Bench:
         """Flush earlier writes (untimed); drop caches with --cold; wait for other processes on the
         machine to quiet down (--wait-idle); start auditing foreign CPU for the measurement."""
         sync_disks()
+        rest = getattr(self.args, "rest", 0.0)
+        if rest > 0 and self.removed_at is not None and (left := self.removed_at + rest - now()) > 0:
+            log(f"  resting {left:.0f}s after the last removal (--rest: new files would scan past freed inodes)")
+            time.sleep(left)
         if self.args.wait_idle > 0:
             waited, level = wait_idle(self.args.wait_idle, min_watches=self.watches_needed())
             if waited > 1:
@@ -478,6 +484,7 @@ class Bench:
                 p.wait(10)
                 shutil.rmtree(fleet.replica_roots.pop(name), ignore_errors=True)
                 shutil.rmtree(os.path.join(self.wd, f"fleetsync-{name}-state"), ignore_errors=True)
+                self.removed_at = now()
             # rsync -a to an empty dir, then sync.
             if RSYNC in self.peers:
                 fleet.pause()
@@ -503,6 +510,7 @@ class Bench:
                     os.rename(target, self.peer_dirs[0])  # reused as a peer target dir (re-checked by rsync)
                 else:
                     shutil.rmtree(target, ignore_errors=True)
+                    self.removed_at = now()
                 fleet.resume()
         self.done.append("bootstrap")
         self.trace_hwm("bootstrap")
@@ -787,7 +795,8 @@ class Bench:
         def remove(sub: bytes) -> float:
             shutil.rmtree(os.path.join(rootb, sub))
             self.gen += 1
-            return now()
+            self.removed_at = now()  # the replicas and peers remove their copies from here on
+            return self.removed_at
 
         # fleetsync
         sub = None
