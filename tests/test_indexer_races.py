@@ -36,6 +36,12 @@ async def _settle(ix: Indexer) -> None:
     raise AssertionError(f"indexer did not settle: pending {list(ix.pending)}")
 
 
+async def _one_batch(ix: Indexer) -> None:
+    """Let the hints settle, then run one batch."""
+    await asyncio.sleep(0.01)
+    await ix.process_ready()
+
+
 def _batch_with_rename(ix: Indexer, root: Path, old: str, new: str, *, before_look: bool) -> None:
     """Run one batch during which directory old is renamed to new on disk and the move is
     dispatched on the loop (before or after the worker thread looks at the batch), then settle."""
@@ -495,11 +501,7 @@ def test_scanner_mode_truncated_file_held_open_with_part_of_proc_unreadable(tmp_
         monkeypatch.setattr(os, "listdir", listdir)
         ix.changed(b"page.html", closed=True)
 
-        async def run() -> None:
-            await asyncio.sleep(0.01)
-            await ix.process_ready()
-
-        asyncio.run(run())
+        asyncio.run(_one_batch(ix))
         assert j.get(b"page.html") is None, "an empty version held open by its writer was recorded"
         assert b"page.html" in ix.pending, "the path must stay pending until the writer is done"
     finally:
@@ -540,11 +542,7 @@ def test_truncating_open_still_in_the_kernel_is_not_recorded(tmp_path: Path, clo
         os.close(fd)  # now held only by the message in flight
         ix.changed(b"page.html", closed=True)
 
-        async def run() -> None:
-            await asyncio.sleep(0.01)
-            await ix.process_ready()
-
-        asyncio.run(run())
+        asyncio.run(_one_batch(ix))
         assert j.get(b"page.html") is None, "an empty version still open for writing was recorded"
         assert b"page.html" in ix.pending and ix.pending[b"page.html"].writing
         # The writer gets its descriptor, writes and closes: that version is recorded.
