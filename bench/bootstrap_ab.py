@@ -19,15 +19,17 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from harness.fleet import Fleet  # noqa: E402
+from harness.fleet import Fleet, Profiler  # noqa: E402
+from harness.profsum import summarize  # noqa: E402
 from harness.peers import rsync_push  # noqa: E402
-from harness.util import cpu_seconds, free_port, log, sync_disks, wait_idle  # noqa: E402
+from harness.util import cpu_seconds, free_port, log, machine_cpu_seconds, sync_disks, wait_idle  # noqa: E402
 
 from fleetsync.ops.corpus import generate  # noqa: E402
 
@@ -54,6 +56,8 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--wait-idle", type=float, default=60.0)
+    ap.add_argument("--profile", metavar="DIR", default=None,
+                    help="py-spy (raw collapsed stacks) of the origin and each replica run into DIR")
     ap.add_argument("variants", nargs="+")
     a = ap.parse_args()
     wd = os.path.abspath(a.workdir)
@@ -68,12 +72,22 @@ def main() -> int:
     fleet = Fleet(wd, origin, settle=0.2)
     log(f"origin indexed in {fleet.start_origin(free_port()):.1f}s")
     times: dict[str, list[float]] = {}
+    #: CPU seconds the whole machine was busy during each run (every process and kernel thread).
+    cpus: dict[str, list[float]] = {}
     tag = f"{os.getpid()}"
+    prof = None
+    if a.profile:
+        spy = shutil.which("py-spy", path=os.path.dirname(sys.executable)) or shutil.which("py-spy")
+        if not spy:
+            print("--profile needs py-spy: make .venv/.installed-bench")
+            return 2
+        prof = Profiler(a.profile, spy)
     try:
         for r in range(a.reps):
             for spec in (a.variants if r % 2 == 0 else a.variants[::-1]):
                 name, env = _variant(spec)
                 wait_idle(a.wait_idle)
+                busy0 = machine_cpu_seconds()
                 if name == "rsync":
                     res = rsync_push(origin, [os.path.join(wd, f"rsync-{tag}-{r}")], delete=False, sync=True)
                     if not res["ok"]:
@@ -82,6 +96,7 @@ def main() -> int:
                 else:
                     rid = f"b{tag}-{r}-{name}"
                     st0 = fleet.status() or {}
+                    o0 = cpu_seconds(fleet.origin.pid) if fleet.origin else None
                     saved = {k: os.environ.get(k) for k in env}
                     os.environ.update(env)
                     try:
@@ -93,22 +108,33 @@ def main() -> int:
                             else:
                                 os.environ[k] = v
                     pid = fleet.replicas[rid].pid
+                    if prof is not None and fleet.origin is not None:
+                        prof.start(fleet.origin.pid, f"{rid}-origin")
+                        prof.start(pid, f"{rid}-replica")
                     t, _ = fleet.wait_converged([rid], min_seq=st0.get("seq", 0), t_ref=t0, timeout=1800)
                     dt = t - t0
-                    extra = f"  replica CPU {cpu_seconds(pid) or 0:.1f}s  {_phases(os.path.join(fleet.logs, f'replica-{rid}.log'))}"
+                    o1 = cpu_seconds(fleet.origin.pid) if fleet.origin else None
+                    ocpu = f"  origin CPU {o1 - o0:.1f}s" if o0 is not None and o1 is not None else ""
+                    extra = f"  replica CPU {cpu_seconds(pid) or 0:.1f}s{ocpu}  {_phases(os.path.join(fleet.logs, f'replica-{rid}.log'))}"
+                    if prof is not None:
+                        for f in prof.stop():
+                            log(f"profile {f}:\n{summarize(f)}")
                     p = fleet.replicas.pop(rid)
                     p.terminate()
                     p.wait(10)
                     sync_disks()
                 times.setdefault(name, []).append(dt)
-                log(f"rep {r + 1} {name}: {dt:.2f}s{extra}")
+                busy = machine_cpu_seconds() - busy0
+                cpus.setdefault(name, []).append(busy)
+                log(f"rep {r + 1} {name}: {dt:.2f}s  machine CPU {busy:.1f}s{extra}")
     finally:
         fleet.stop()
     print(f"\nbootstrap of {a.files} files, {a.reps} repetitions, alternating order:")
-    print("| variant | runs (s) | median (s) |")
-    print("|---|---|---|")
+    print("| variant | runs (s) | median (s) | machine CPU, median (s) |")
+    print("|---|---|---|---|")
     for name, xs in times.items():
-        print(f"| {name} | {' / '.join(f'{x:.2f}' for x in xs)} | {statistics.median(xs):.2f} |")
+        print(f"| {name} | {' / '.join(f'{x:.2f}' for x in xs)} | {statistics.median(xs):.2f} "
+              f"| {statistics.median(cpus[name]):.1f} |")
     return 0
 
 

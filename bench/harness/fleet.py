@@ -129,7 +129,8 @@ class Fleet:
             if self.origin.poll() is not None:
                 raise RuntimeError(f"origin exited with {self.origin.returncode}; see {self.logs}/origin.log")
             st = self.client.get()
-            if st and st.get("pending") == 0 and st.get("seq", 0) > 0:
+            # walks: the start-up reconcile of a restarted origin begins after it serves status.
+            if st and st.get("pending") == 0 and st.get("seq", 0) > 0 and (st.get("scan") or {}).get("walks", 1) > 0:
                 if st["seq"] != last_seq:
                     last_seq, stable_since = st["seq"], now()
                 elif now() - stable_since >= self.settle + 0.3:

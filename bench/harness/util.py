@@ -190,7 +190,7 @@ def load_results(path: str) -> list[dict[str, Any]]:
 
 
 # -- is the machine ours? (other processes' CPU during a measurement) ---------------------------------
-def _busy_total() -> float:
+def machine_cpu_seconds() -> float:
     """CPU seconds all CPUs spent busy since boot (user, nice, system, irq, softirq, steal)."""
     with open("/proc/stat") as f:
         parts = f.readline().split()[1:]
@@ -241,12 +241,12 @@ class CpuAudit:
         """Begin an interval."""
         self.t0 = now()
         self.table0 = _proc_table()
-        self.busy0 = _busy_total()
+        self.busy0 = machine_cpu_seconds()
         self.own0 = _own_total(self.table0)
 
     def stop(self) -> dict[str, Any]:
         """End the interval: wall seconds, foreign CPU seconds, share of the machine, top foreign processes."""
-        busy1 = _busy_total()
+        busy1 = machine_cpu_seconds()
         table1 = _proc_table()
         own1 = _own_total(table1)
         wall = now() - self.t0
