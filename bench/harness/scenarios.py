@@ -33,7 +33,6 @@ TOOLS = [FLEETSYNC, *PEERS]
 TOOL_TITLES = {FLEETSYNC: "fleetsync", RSYNC: "rsync -a --delete ×3",
                LSYNCD_1: "lsyncd delay=1", LSYNCD_DEF: "lsyncd default delay"}
 SCENARIOS = ["bootstrap", "round", "latency", "burst", "memory", "egress"]
-REPLICAS = ["r1", "r2", "r3"]
 
 
 @dataclass
@@ -106,6 +105,10 @@ class Bench:
         self.wd = workdir
         self.res = results
         self.origin_root = os.path.join(workdir, "origin")
+        #: Fleetsync replicas (3 by default, like the peers' targets; --replicas changes it).
+        self.replicas = [f"r{i + 1}" for i in range(getattr(args, "replicas", 3))]
+        #: "3 replicas" in metric names (a run with another count measures another metric).
+        self.n_replicas = f"{len(self.replicas)} replica{'s' if len(self.replicas) != 1 else ''}"
         self.peer_dirs = [os.path.join(workdir, f"peer-{i}") for i in (1, 2, 3)]
         self.corpus: Corpus | None = None
         self.gen = 0                         # bumped on every change the harness makes to the origin
@@ -165,15 +168,15 @@ class Bench:
         return self.fleet
 
     def ensure_fleet(self) -> Fleet:
-        """Origin plus the three replicas r1..r3, bootstrapped and converged (untimed)."""
+        """Origin plus the replicas (r1..r3 by default), bootstrapped and converged (untimed)."""
         fleet = self.ensure_origin()
-        missing = [r for r in REPLICAS if r not in fleet.replicas]
+        missing = [r for r in self.replicas if r not in fleet.replicas]
         if missing:
             log(f"starting fleetsync replicas {', '.join(missing)} (bootstrap, untimed)")
             t0 = now()
             for r in missing:
                 fleet.start_replica(r)
-            t, _ = fleet.wait_converged(REPLICAS, t_ref=t0, timeout=self.sizes.timeout * 4)
+            t, _ = fleet.wait_converged(self.replicas, t_ref=t0, timeout=self.sizes.timeout * 4)
             log(f"  converged after {t - t0:.1f}s")
             diffs = self.verify_fleet("replica setup", last=False)
             if diffs:
@@ -190,7 +193,7 @@ class Bench:
             self.res.add(scenario="setup", metric="fleetsync processes restarted", tool=FLEETSYNC,
                          value=len(dead), unit="", status="ok", detail={"exited": dead, "after": list(self.done)})
         t0 = now()
-        fleet.wait_converged(REPLICAS, t_ref=t0, timeout=self.sizes.timeout * 2)
+        fleet.wait_converged(self.replicas, t_ref=t0, timeout=self.sizes.timeout * 2)
         dt = now() - t0
         if dt > 2:
             log(f"  fleetsync caught up with the peers' changes in {dt:.1f}s (untimed)")
@@ -276,7 +279,7 @@ class Bench:
     def verify_fleet(self, what: str, last: bool = True) -> list[str]:
         """Verify the three fleetsync replicas."""
         assert self.fleet is not None
-        return self.verify_step([self.fleet.replica_roots[r] for r in REPLICAS], last)
+        return self.verify_step([self.fleet.replica_roots[r] for r in self.replicas], last)
 
     # -- helpers ---------------------------------------------------------------------------------
     def before_timed(self) -> None:
@@ -520,9 +523,11 @@ class Bench:
     def round(self) -> None:
         """A change round of K files reaching 3 replicas: time from the last write to all 3 converged."""
         sc = "round"
-        m_time = f"{self.sizes.changes}-change round, last write → 3 replicas converged"
+        m_time = f"{self.sizes.changes}-change round, last write → {self.n_replicas} converged"
         m_egress = "origin egress per round"
-        m_rel = "egress ÷ (3 × bytes of new+modified files)"
+        # The peers always push to 3 targets: their ratio keeps the 3.
+        m_rel = f"egress ÷ ({len(self.replicas)} × bytes of new+modified files)"
+        m_rel_peer = "egress ÷ (3 × bytes of new+modified files)"
         m_wire = "origin egress per round, content + feed JSON (rsync: all protocol bytes)"
         k = self.sizes.changes
         self.ensure_fleet()
@@ -545,7 +550,7 @@ class Bench:
                 mutate(self.corpus, k, seed=self.round_seed(i))
                 t_last = now()
                 self.gen += 1
-                t, st = fleet.wait_converged(REPLICAS, min_seq=st0["seq"] + 1, t_ref=t_last,
+                t, st = fleet.wait_converged(self.replicas, min_seq=st0["seq"] + 1, t_ref=t_last,
                                              timeout=self.sizes.timeout)
                 self.profile_stop()
                 cpu = {n: round((cpu_seconds(pid) or 0.0) - (cpu0.get(n) or 0.0), 3)
@@ -553,7 +558,7 @@ class Bench:
                 cpu["writer"] = round(time.process_time() - c_first, 3)
                 log(f"    last write at {time.time() - (now() - t_last):.3f}; writes took {t_last - t_first:.3f}s; CPU seconds first write → converged: {cpu}")
                 b1 = fleet.bytes_sent(st)
-                e = sum(b1.get(r, 0) - b0.get(r, 0) for r in REPLICAS)
+                e = sum(b1.get(r, 0) - b0.get(r, 0) for r in self.replicas)
                 _, facts = self.round_delta(pre)
                 facts["watch_limit_hits"] = fleet.watch_limit_count() - wl0
                 facts["cpu_s"] = cpu
@@ -565,15 +570,15 @@ class Bench:
                     raise Failed("replicas differ from the origin:\n" + "\n".join(diffs))
                 feed = fleet.feed_bytes(st0["seq"], st["seq"])
                 facts["feed_json_bytes_per_replica"] = feed
-                wire.append(e + 3 * feed)
+                wire.append(e + len(self.replicas) * feed)
                 times.append(t - t_last)
                 egress.append(e)
-                rel.append(e / max(3 * facts["changed_bytes"], 1))
+                rel.append(e / max(len(self.replicas) * facts["changed_bytes"], 1))
                 lo.append(st["seq"] - st0["seq"])
                 counts.append(facts)
             self.record(sc, m_time, FLEETSYNC, median(times), "s", samples=times, records=lo, changes=counts)
             self.record(sc, m_egress, FLEETSYNC, median(egress), "bytes", samples=egress, changes=counts,
-                        note="sum of the 3 replicas' bytes_sent deltas (content bytes)")
+                        note=f"bytes_sent deltas summed over {self.n_replicas} (content bytes)")
             self.record(sc, m_wire, FLEETSYNC, median(wire), "bytes", samples=wire,
                         note="content bytes_sent plus 3 x the feed JSON for the round's records")
             self.record(sc, m_rel, FLEETSYNC, median(rel), "x", samples=rel)
@@ -613,9 +618,9 @@ class Bench:
                             note="sum over the 3 runs of rsync --stats 'Total bytes sent'")
                 self.record(sc, m_wire, RSYNC, median(egress), "bytes", samples=egress,
                             note="rsync's 'Total bytes sent' already counts file lists and protocol")
-                self.record(sc, m_rel, RSYNC, median(rel), "x", samples=rel)
+                self.record(sc, m_rel_peer, RSYNC, median(rel), "x", samples=rel)
             except (Failed, RuntimeError) as e:
-                self.fail(sc, [(m_time, "s"), (m_egress, "bytes"), (m_wire, "bytes"), (m_rel, "x")], RSYNC, e)
+                self.fail(sc, [(m_time, "s"), (m_egress, "bytes"), (m_wire, "bytes"), (m_rel_peer, "x")], RSYNC, e)
         # lsyncd: running, watching the origin; a round is written; poll the targets.
         for tool, delay in self.lsyncd_variants():
             ls = None
@@ -717,8 +722,8 @@ class Bench:
             self.before_timed()
             t0 = now()
             st0 = fleet.status() or {}
-            samples = measure(FLEETSYNC, self.sizes.samples, [fleet.replica_roots[r] for r in REPLICAS], None)
-            fleet.wait_converged(REPLICAS, min_seq=st0.get("seq", 0), t_ref=t0, timeout=self.sizes.timeout)
+            samples = measure(FLEETSYNC, self.sizes.samples, [fleet.replica_roots[r] for r in self.replicas], None)
+            fleet.wait_converged(self.replicas, min_seq=st0.get("seq", 0), t_ref=t0, timeout=self.sizes.timeout)
             self.profile_stop()
             diffs = self.verify_fleet("latency")
             if diffs:
@@ -776,8 +781,8 @@ class Bench:
         converge; then the subtree is removed again (propagation of that removal is recorded too)."""
         sc = "burst"
         n = self.sizes.burst
-        m_time = f"{n}-file burst, last write → 3 replicas converged"
-        m_del = f"removal of the {n}-file burst → 3 replicas"
+        m_time = f"{n}-file burst, last write → {self.n_replicas} converged"
+        m_del = f"removal of the {n}-file burst → {self.n_replicas}"
         self.ensure_fleet()
         self.catch_up()
         fleet = self.fleet
@@ -807,7 +812,7 @@ class Bench:
             wl0 = fleet.watch_limit_count()
             self.profile_start("burst", ["origin", "r1"])
             sub, bc, t0, t_last = write_burst(FLEETSYNC)
-            t, st = fleet.wait_converged(REPLICAS, min_seq=st0["seq"] + 1, t_ref=t_last, timeout=self.sizes.timeout)
+            t, st = fleet.wait_converged(self.replicas, min_seq=st0["seq"] + 1, t_ref=t_last, timeout=self.sizes.timeout)
             self.profile_stop()
             dt = t - t_last
             ov = fleet.overflow_count() - ov0
@@ -824,7 +829,7 @@ class Bench:
             st0 = fleet.status() or {}
             t_rm = remove(sub)
             sub = None
-            t, st = fleet.wait_converged(REPLICAS, min_seq=st0["seq"] + 1, t_ref=t_rm, timeout=self.sizes.timeout)
+            t, st = fleet.wait_converged(self.replicas, min_seq=st0["seq"] + 1, t_ref=t_rm, timeout=self.sizes.timeout)
             log(f"  fleetsync burst removal: {t - t_rm:.2f}s")
             diffs = self.verify_fleet("burst removal")
             if diffs:
