@@ -57,8 +57,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--peers", default="rsync,lsyncd-d1,lsyncd-default",
                     help="comma list of peers: rsync, lsyncd-d1, lsyncd-default, or none (default: all three)")
     ap.add_argument("--replicas", type=int, default=3, choices=range(1, 10), metavar="N",
-                    help="fleetsync replicas (default 3, as many as the peers' targets; fewer shows what one "
-                         "replica per host would see on a machine whose cores all replicas share; the peers keep 3 targets, so use it with --peers none)")
+                    help="fleetsync replicas (default 3, as many as the peers' targets). Fewer shows what one "
+                         "replica per host would see where all replicas share this machine's cores; the peers "
+                         "keep 3 targets, so use it with --peers none")
     ap.add_argument("--settle", type=float, default=0.2, help="fleetsync origin --settle (default 0.2 s)")
     ap.add_argument("--detector", default="auto", choices=["auto", "inotify", "fanotify", "scan"],
                     help="the origin's --detector (default auto: fanotify when root, else inotify). On one host "
