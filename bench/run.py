@@ -31,8 +31,10 @@ from harness.util import REPO, CpuAudit, Results, git_dirty, git_rev, load_resul
 ORDER = ["bootstrap", "round", "latency", "burst", "memory", "egress"]
 #: Bytes of disk per corpus file, a little above the generator's mean (~22 KB) plus block overhead.
 BYTES_PER_FILE = 27_000
-#: Tree copies on disk at once: origin, 3 fleetsync replicas, 3 peer dirs (plus a bootstrap target).
-COPIES = 8
+#: Tree copies on disk at once besides the fleetsync replicas: the origin and a bootstrap target;
+BASE_COPIES = 2
+#: and the peers' 3 target dirs when any peer runs.
+PEER_COPIES = 3
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -161,11 +163,12 @@ def main(argv: list[str]) -> int:
     os.makedirs(base, exist_ok=True)
     run_id = time.strftime("%Y%m%d-%H%M%S") + ("-quick" if args.quick else f"-{sizes.files}")
     per_file = BYTES_PER_FILE * args.size_scale + 4096  # content plus inode and block rounding
-    need_bytes = int(sizes.files * per_file * COPIES + sizes.burst * per_file * 8)
+    copies = BASE_COPIES + args.replicas + (PEER_COPIES if args.peers else 0)
+    need_bytes = int(sizes.files * per_file * copies + sizes.burst * per_file * (copies + 1))
     free = shutil.disk_usage(base).free
     if need_bytes > free * 0.95 and not args.force:
         print(f"not enough disk in {base}: about {need_bytes / 1e9:.0f} GB needed for {sizes.files:,} files "
-              f"({COPIES} tree copies of ~{sizes.files * per_file / 1e9:.1f} GB), {free / 1e9:.0f} GB free. "
+              f"({copies} tree copies of ~{sizes.files * per_file / 1e9:.1f} GB), {free / 1e9:.0f} GB free. "
               f"Use --workdir on a bigger disk (or --force).")
         return 2
     wd = os.path.join(base, f"fleetsync-bench-{run_id}")
