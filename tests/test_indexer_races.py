@@ -557,3 +557,49 @@ def test_truncating_open_still_in_the_kernel_is_not_recorded(tmp_path: Path, clo
     got = j.get(b"page.html")
     assert got is not None and got.size == len(b"the real content")
     assert all(r.entry is not None and r.entry.size > 0 for r in j.read(0, 100) if r.path == b"page.html")
+
+
+@pytest.mark.parametrize("kind", ["file", "dir"])
+def test_removal_a_running_walk_compared_before_the_batch_commit_is_not_lost(tmp_path: Path, kind: str) -> None:
+    """New a/f is looked at by a batch; then it is removed, its event lost in a queue overflow, and
+    the walk that overflow asked for lists a/ and reads the manifest before the batch commits a/f:
+    the walk sees nothing to do (neither disk nor manifest has a/f), the commit then records a/f.
+    What the batch recorded must be looked at again after the commit (found by the 20k-burst
+    overflow test in tests/test_e2e_detect_limits.py: a delete lost this way). A change other than a
+    removal needs nothing more: the walk finds the disk differing from the manifest and hints it.
+    """
+    root, j, ix = _indexer(tmp_path)
+    asyncio.run(_settle(ix))
+    f = root / "a" / "f"
+    if kind == "file":
+        f.write_bytes(b"content")
+    else:
+        f.mkdir()
+    ix.changed(b"a/f", closed=True)
+    real_observe, real_diff = ix._observe, ix.diff_subtree
+    walked = threading.Event()
+
+    def diff(top: bytes):  # type: ignore[no-untyped-def]
+        yield from real_diff(top)
+        walked.set()
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+
+        def observe(ready, known):  # type: ignore[no-untyped-def]
+            out = real_observe(ready, known)  # a/f seen
+            f.unlink() if kind == "file" else f.rmdir()
+            # The removal's event was lost in an overflow, which asks for a walk of the root; the
+            # walk lists a/ and reads the manifest before this batch commits.
+            loop.call_soon_threadsafe(ix.rescan, b"")
+            assert walked.wait(10)
+            return out
+
+        ix._observe = observe  # type: ignore[method-assign]
+        ix.diff_subtree = diff  # type: ignore[method-assign]
+        await _one_batch(ix)
+        ix._observe = real_observe  # type: ignore[method-assign]
+        await _settle(ix)
+
+    asyncio.run(run())
+    assert b"a/f" not in dict(j.snapshot()[1])

@@ -505,6 +505,7 @@ class Indexer:
             del self.pending[p]
         self._inflight = len(ready)
         self._flight = ready
+        walks0, walking0 = self.walks, bool(self._walks)
         try:
             loop = asyncio.get_running_loop()
             ready.sort()
@@ -530,6 +531,16 @@ class Indexer:
             finally:
                 self._fetched = {}
             self._commit(changes)
+            if walking0 or self._walks or self.walks != walks0:
+                # A rescan walk ran while this batch was observed and committed. It may have listed
+                # a path after the batch looked at it (removed or changed since, the event lost in
+                # the overflow that asked for the walk) and compared it with the manifest from
+                # before the batch's commit: then neither saw the change. What the batch recorded
+                # is looked at once more, after its commit.
+                for c in changes:
+                    for p in (c.path, c.old_path):
+                        if p is not None:
+                            self.changed(p)
         except BaseException:
             for p in ready:  # nothing of this batch was committed: keep every hint
                 self.changed(p)
