@@ -16,7 +16,8 @@ Prints the wall time to all files created and to all flushed, per method, median
 
 Each trial deletes its files. On ext4 without a journal (the machine of BENCHMARKS.md) creating a
 file next to inodes freed in the last minutes scans past each of them (`recently_deleted()`), so
-later trials pay for earlier ones: give --rest SECONDS (e.g. 400) to let the filesystem settle.
+later trials pay for earlier ones: give --rest SECONDS (e.g. 400) to let the filesystem settle, or
+--keep-files (nothing is deleted until the end; the disk needs room for every trial's files).
 """
 
 from __future__ import annotations
@@ -98,7 +99,8 @@ def _worker(method: str, root: str, files: int, size: int, threads: int, start: 
     out.put((t0, t1, t2))
 
 
-def trial(method: str, base: str, files: int, size: int, procs: int, threads: int = 1) -> tuple[float, float]:
+def trial(method: str, base: str, files: int, size: int, procs: int, threads: int = 1,
+          keep: bool = False) -> tuple[float, float]:
     """One trial: (seconds until every process created its files, seconds until flushed)."""
     roots = [tempfile.mkdtemp(prefix=f"{method}-", dir=base) for _ in range(procs)]
     start = mp.Event()
@@ -115,8 +117,9 @@ def trial(method: str, base: str, files: int, size: int, procs: int, threads: in
     t0 = min(r[0] for r in res)
     created = max(r[1] for r in res) - t0
     flushed = max(r[2] for r in res) - t0
-    for r in roots:
-        shutil.rmtree(r)
+    if not keep:
+        for r in roots:
+            shutil.rmtree(r)
     os.sync()
     return created, flushed
 
@@ -130,6 +133,8 @@ def main() -> int:
     ap.add_argument("--trials", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1, help="threads per process creating the files")
     ap.add_argument("--rest", type=float, default=0.0, help="seconds to wait after each trial's deletion")
+    ap.add_argument("--keep-files", action="store_true",
+                    help="delete nothing between trials (each writes new directories; no --rest needed)")
     ap.add_argument("--methods", default="tmpfile,named,direct")
     ap.add_argument("--dir", default=None, help="scratch directory (default: a temp dir under bench/)")
     a = ap.parse_args()
@@ -140,7 +145,7 @@ def main() -> int:
         for t in range(a.trials):
             order = methods if t % 2 == 0 else methods[::-1]
             for m in order:
-                c, f = trial(m, base, a.files, a.size, a.procs, a.threads)
+                c, f = trial(m, base, a.files, a.size, a.procs, a.threads, a.keep_files)
                 time.sleep(a.rest)
                 got[m].append((c, f))
                 print(f"trial {t + 1} {m:8s} created {c:6.2f} s  flushed {f:6.2f} s", flush=True)
