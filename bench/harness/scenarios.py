@@ -106,7 +106,7 @@ class Bench:
         self.res = results
         self.origin_root = os.path.join(workdir, "origin")
         #: Fleetsync replicas (3 by default, like the peers' targets; --replicas changes it).
-        self.replicas = [f"r{i + 1}" for i in range(getattr(args, "replicas", 3))]
+        self.replicas = [f"r{i + 1}" for i in range(args.replicas)]
         #: "3 replicas" in metric names (a run with another count measures another metric).
         self.n_replicas = f"{len(self.replicas)} replica{'s' if len(self.replicas) != 1 else ''}"
         self.peer_dirs = [os.path.join(workdir, f"peer-{i}") for i in (1, 2, 3)]
@@ -277,7 +277,7 @@ class Bench:
         return out
 
     def verify_fleet(self, what: str, last: bool = True) -> list[str]:
-        """Verify the three fleetsync replicas."""
+        """Verify the fleetsync replicas."""
         assert self.fleet is not None
         return self.verify_step([self.fleet.replica_roots[r] for r in self.replicas], last)
 
@@ -521,7 +521,7 @@ class Bench:
     # ==========================================================================================
     # 2. round (and 6. egress)
     def round(self) -> None:
-        """A change round of K files reaching 3 replicas: time from the last write to all 3 converged."""
+        """A change round of K files reaching the replicas: time from the last write to all converged."""
         sc = "round"
         m_time = f"{self.sizes.changes}-change round, last write → {self.n_replicas} converged"
         m_egress = "origin egress per round"
@@ -580,7 +580,7 @@ class Bench:
             self.record(sc, m_egress, FLEETSYNC, median(egress), "bytes", samples=egress, changes=counts,
                         note=f"bytes_sent deltas summed over {self.n_replicas} (content bytes)")
             self.record(sc, m_wire, FLEETSYNC, median(wire), "bytes", samples=wire,
-                        note="content bytes_sent plus 3 x the feed JSON for the round's records")
+                        note=f"content bytes_sent plus {len(self.replicas)} x the feed JSON for the round's records")
             self.record(sc, m_rel, FLEETSYNC, median(rel), "x", samples=rel)
         except (Failed, NotConverged, RuntimeError) as e:
             self.profile_stop()
@@ -684,7 +684,7 @@ class Bench:
             time.sleep(poll)
 
     def latency(self) -> None:
-        """One file written on the origin until readable, with the right content, on all 3 replicas."""
+        """One file written on the origin until readable, with the right content, on every replica."""
         sc = "latency"
         metrics = [("p50", "ms"), ("p95", "ms"), ("p99", "ms")]
         self.ensure_fleet()
@@ -777,7 +777,7 @@ class Bench:
     # ==========================================================================================
     # 4. burst
     def burst(self) -> None:
-        """N new files written at once (a new subtree shaped like the corpus) until all 3 replicas
+        """N new files written at once (a new subtree shaped like the corpus) until all replicas
         converge; then the subtree is removed again (propagation of that removal is recorded too)."""
         sc = "burst"
         n = self.sizes.burst
