@@ -11,7 +11,7 @@ import sys
 import time
 from typing import Any
 
-from harness.util import log, now, proc_status
+from harness.util import free_port, log, now, proc_status
 
 
 class NotConverged(Exception):
@@ -99,6 +99,7 @@ class Fleet:
         self.origin: subprocess.Popen[bytes] | None = None
         self.replicas: dict[str, subprocess.Popen[bytes]] = {}
         self.replica_roots: dict[str, str] = {}
+        self.replica_ports: dict[str, int] = {}
         self.logs = os.path.join(workdir, "logs")
         os.makedirs(self.logs, exist_ok=True)
         self.client: StatusClient | None = None
@@ -144,10 +145,25 @@ class Fleet:
         root = os.path.join(self.workdir, f"fleetsync-{name}")
         state = os.path.join(self.workdir, f"fleetsync-{name}-state")
         self.replica_roots[name] = root
+        # Each replica serves its status (stats: batches, commits) on a port of its own.
+        self.replica_ports[name] = free_port()
         t0 = now()
         self.replicas[name] = self._spawn(["replica", "--root", root, "--state", state,
-                                           "--upstream", self.url, "--id", name], f"replica-{name}.log")
+                                           "--upstream", self.url, "--id", name,
+                                           "--listen", f"127.0.0.1:{self.replica_ports[name]}"],
+                                          f"replica-{name}.log")
         return t0
+
+    def replica_stats(self) -> dict[str, dict[str, Any]]:
+        """Each replica's `stats` (batches, commits, records, files written...) from its own status."""
+        out = {}
+        for name, port in self.replica_ports.items():
+            c = StatusClient(port)
+            st = c.get()
+            c.close()
+            if st is not None:
+                out[name] = st.get("stats") or {}
+        return out
 
     def revive(self) -> list[str]:
         """Restart any fleet process that exited (same root, state and port); returns their names."""

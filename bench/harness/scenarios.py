@@ -546,6 +546,7 @@ class Bench:
                 b0 = fleet.bytes_sent(st0)
                 self.profile_start(f"round{i + 1}", ["origin", "r1"])
                 cpu0 = {n: cpu_seconds(pid) for n, pid in fleet.pids().items()}
+                rs0 = fleet.replica_stats()
                 t_first, c_first = now(), time.process_time()
                 mutate(self.corpus, k, seed=self.round_seed(i))
                 t_last = now()
@@ -557,11 +558,14 @@ class Bench:
                        for n, pid in fleet.pids().items()}
                 cpu["writer"] = round(time.process_time() - c_first, 3)
                 log(f"    last write at {time.time() - (now() - t_last):.3f}; writes took {t_last - t_first:.3f}s; CPU seconds first write → converged: {cpu}")
+                rs1 = fleet.replica_stats()
                 b1 = fleet.bytes_sent(st)
                 e = sum(b1.get(r, 0) - b0.get(r, 0) for r in self.replicas)
                 _, facts = self.round_delta(pre)
                 facts["watch_limit_hits"] = fleet.watch_limit_count() - wl0
                 facts["cpu_s"] = cpu
+                facts["batches_commits"] = {n: [rs1[n].get(key, 0) - rs0.get(n, {}).get(key, 0)
+                                                for key in ("batches", "commits")] for n in rs1}
                 facts["write_s"] = round(t_last - t_first, 3)
                 log(f"  fleetsync round {i + 1}: {t - t_last:.3f}s, {st['seq'] - st0['seq']} records, "
                     f"egress {e / 1e6:.1f} MB for {facts['changed_bytes'] / 1e6:.1f} MB changed ({facts})")

@@ -7,8 +7,6 @@ snapshot, status. Content is looked up by hash in the manifest and read through 
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import ctypes.util
 import hmac
 import json
 import logging
@@ -24,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from fleetsync import paths
+from fleetsync import malloc, paths
 from fleetsync.entry import FILE, Entry
 from fleetsync.errors import FleetsyncError, UnsafePath
 from fleetsync.hashing import hash_bytes
@@ -116,6 +114,10 @@ class Follower:
     last_error: str | None = None
     bytes_sent: int = 0
     addr: str | None = None
+    #: Feed requests seen; a long poll ends early once a newer one of the same follower arrives.
+    polls: int = 0
+    #: Long polls of this follower waiting now.
+    waiting: int = 0
 
 
 @dataclass
@@ -229,29 +231,13 @@ class ServerState:
         self._served_since_trim += nbytes
         if self._served_since_trim >= TRIM_EVERY_BYTES:
             self._served_since_trim = 0
-            self.read_pool.submit(_malloc_trim)
+            self.read_pool.submit(malloc.trim)
 
     def close(self) -> None:
         """Release descriptors, threads and the lookup connection."""
         self.read_pool.shutdown(wait=True)
         self._reader.close()
         self._lookup.close()
-
-
-def _malloc_trim() -> None:
-    """glibc malloc_trim(0): release free heap pages of every arena (no-op elsewhere)."""
-    global _libc
-    if _libc is None:
-        try:
-            _libc = ctypes.CDLL(ctypes.util.find_library("c") or None)
-            _libc.malloc_trim  # noqa: B018 - probe
-        except (OSError, AttributeError):
-            _libc = False
-    if _libc:
-        _libc.malloc_trim(0)
-
-
-_libc: Any = None
 
 
 def _read_exactly(fd: int, size: int) -> bytes | None:
@@ -321,17 +307,28 @@ def build_app(state: ServerState) -> web.Application:
         except ValueError:
             return _error(400, "query parameter 'wait' must be a number")
         rid = request.query.get("replica") or request.headers.get("X-Fleetsync-Replica")
+        f: Follower | None = None
         if rid:
             f = state.follower(rid[:200], request.remote)
             f.applied_seq = _int_param(request, "applied", after)
             f.last_error = request.query.get("error") or None
+            f.polls += 1
+            if f.waiting:
+                state.notify()  # its older long poll (abandoned: this one supersedes it) ends now
         if after < j.min_seq() - 1:
             return _error(410, "behind the retained journal; resync from /v1/snapshot",
                           min_seq=j.min_seq(), journal_id=j.journal_id)
         deadline = time.monotonic() + wait
+        mine = f.polls if f is not None else 0
         recs = j.read(after, limit)
-        while not recs and time.monotonic() < deadline:
-            await state.wait_change(deadline - time.monotonic())
+        while not recs and time.monotonic() < deadline and (f is None or f.polls == mine):
+            if f is not None:
+                f.waiting += 1
+            try:
+                await state.wait_change(deadline - time.monotonic())
+            finally:
+                if f is not None:
+                    f.waiting -= 1
             recs = j.read(after, limit)
             if rid:
                 state.follower(rid[:200])
