@@ -145,7 +145,7 @@ class Fleet:
         root = os.path.join(self.workdir, f"fleetsync-{name}")
         state = os.path.join(self.workdir, f"fleetsync-{name}-state")
         self.replica_roots[name] = root
-        # Each replica serves its status (stats: batches, commits) on a port of its own.
+        # Each replica serves its status (stats: batches applied, files written...) on a port of its own.
         self.replica_ports[name] = free_port()
         t0 = now()
         self.replicas[name] = self._spawn(["replica", "--root", root, "--state", state,
@@ -155,7 +155,7 @@ class Fleet:
         return t0
 
     def replica_stats(self) -> dict[str, dict[str, Any]]:
-        """Each replica's `stats` (batches, commits, records, files written...) from its own status."""
+        """Each replica's `stats` (batches, records, files written...) from its own status."""
         out = {}
         for name, port in self.replica_ports.items():
             c = StatusClient(port)
@@ -235,9 +235,10 @@ class Fleet:
         assert self.client is not None
         return self.client.get()
 
-    def feed_bytes(self, after: int, upto: int) -> int:
+    def feed_bytes(self, after: int, upto: int, commit_times: list[float] | None = None) -> int:
         """Size of the feed JSON a replica downloads for records after..upto (fetched anonymously,
-        after the measurement, so no follower is registered)."""
+        after the measurement, so no follower is registered); each record's origin commit time
+        (`ts`) is appended to commit_times."""
         total = 0
         while after < upto:
             conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
@@ -250,6 +251,8 @@ class Fleet:
             recs = json.loads(body).get("records", [])
             if not recs:
                 break
+            if commit_times is not None:
+                commit_times.extend(float(r["ts"]) for r in recs if isinstance(r, dict) and "ts" in r)
             after = max(int(r.get("seq", after + 1)) for r in recs) if isinstance(recs[0], dict) else after + len(recs)
         return total
 

@@ -557,23 +557,30 @@ class Bench:
                 cpu = {n: round((cpu_seconds(pid) or 0.0) - (cpu0.get(n) or 0.0), 3)
                        for n, pid in fleet.pids().items()}
                 cpu["writer"] = round(time.process_time() - c_first, 3)
-                log(f"    last write at {time.time() - (now() - t_last):.3f}; writes took {t_last - t_first:.3f}s; CPU seconds first write → converged: {cpu}")
+                t_last_wall = time.time() - (now() - t_last)
+                log(f"    last write at {t_last_wall:.3f}; writes took {t_last - t_first:.3f}s; CPU seconds first write → converged: {cpu}")
                 rs1 = fleet.replica_stats()
                 b1 = fleet.bytes_sent(st)
                 e = sum(b1.get(r, 0) - b0.get(r, 0) for r in self.replicas)
                 _, facts = self.round_delta(pre)
                 facts["watch_limit_hits"] = fleet.watch_limit_count() - wl0
                 facts["cpu_s"] = cpu
-                facts["batches_commits"] = {n: [rs1[n].get(key, 0) - rs0.get(n, {}).get(key, 0)
-                                                for key in ("batches", "commits")] for n in rs1}
+                facts["replica_batches"] = {n: rs1[n].get("batches", 0) - rs0.get(n, {}).get("batches", 0) for n in rs1}
                 facts["write_s"] = round(t_last - t_first, 3)
                 log(f"  fleetsync round {i + 1}: {t - t_last:.3f}s, {st['seq'] - st0['seq']} records, "
                     f"egress {e / 1e6:.1f} MB for {facts['changed_bytes'] / 1e6:.1f} MB changed ({facts})")
                 diffs = self.verify_fleet("round", last=i == self.sizes.rounds - 1)
                 if diffs:
                     raise Failed("replicas differ from the origin:\n" + "\n".join(diffs))
-                feed = fleet.feed_bytes(st0["seq"], st["seq"])
+                ts: list[float] = []
+                feed = fleet.feed_bytes(st0["seq"], st["seq"], ts)
                 facts["feed_json_bytes_per_replica"] = feed
+                if ts:
+                    # Where the round's time goes: the origin's commits, relative to the last write.
+                    facts["origin_commits"] = len(set(ts))
+                    facts["origin_last_commit_s"] = round(max(ts) - t_last_wall, 3)
+                    log(f"    origin: {facts['origin_commits']} commits, the last {facts['origin_last_commit_s']:.3f}s "
+                        f"after the last write; batches applied per replica: {facts['replica_batches']}")
                 wire.append(e + len(self.replicas) * feed)
                 times.append(t - t_last)
                 egress.append(e)

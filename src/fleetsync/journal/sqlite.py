@@ -94,7 +94,6 @@ class SqliteJournal:
             self.set_meta("journal_id", jid)
         self.journal_id: str = jid
         self._head = int(self.meta("head") or 0)
-        self._staged = self._head
         self._min = int(self.meta("min_seq") or 1)
         entries = self.meta("entries")
         if entries is None:  # a database from before the counter: count once
@@ -129,10 +128,10 @@ class SqliteJournal:
         return self._min
 
     def read(self, after: int, limit: int) -> list[Record]:
-        """Committed records after a seq (never those a replica has staged but not committed)."""
+        """Records after a seq."""
         rows = self.db.execute(
-            f"SELECT seq, op, path, old, {_ENTRY_COLS}, ts FROM records WHERE seq > ? AND seq <= ? ORDER BY seq "
-            "LIMIT ?", (after, self._head, limit),
+            f"SELECT seq, op, path, old, {_ENTRY_COLS}, ts FROM records WHERE seq > ? ORDER BY seq LIMIT ?",
+            (after, limit),
         ).fetchall()
         out = []
         for seq, op, path, old, kind, mode, size, mtime, h, target, ts in rows:
@@ -351,58 +350,23 @@ class SqliteJournal:
         `meta` values are set (or deleted where None) in the same transaction.
         """
         with self._lock:
-            self.begin()
-            try:
-                self.stage(records)
-                self.commit_staged(head, meta)
-            except BaseException:
-                self.rollback_staged()
-                raise
-
-    def begin(self) -> None:
-        """Replica: open the write transaction that stage() adds to and commit_staged() ends.
-
-        Reads on this journal (get, get_many, paths_with_hash) see what is staged; read() and
-        head() do not, so a relay serves only committed records.
-        """
-        with self._lock:
             self.db.execute("BEGIN IMMEDIATE")
-            self._staged = self._head
-
-    @property
-    def staging(self) -> bool:
-        """True between begin() and commit_staged() / rollback_staged()."""
-        return self.db.in_transaction
-
-    def stage(self, records: list[Record]) -> None:
-        """Inside begin(): store records applied with the upstream's seqs (not committed yet)."""
-        with self._lock:
-            for rec in records:
-                self._append(rec)
-                self._apply_manifest(rec, None)
-            if records:
-                self._staged = max(self._staged, records[-1].seq)
-
-    def commit_staged(self, head: int | None = None, meta: dict[str, str | None] | None = None) -> None:
-        """Commit what was staged, advancing head to `head` (default: the last staged seq).
-
-        `meta` values are set (or deleted where None) in the same transaction.
-        """
-        with self._lock:
-            for key, value in (meta or {}).items():
-                if value is None:
-                    self.db.execute("DELETE FROM meta WHERE key=?", (key,))
-                else:
-                    self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
-            self._set_head(max(head if head is not None else self._staged, self._head))
-            self._save_count()
-            self._commit_tx()
-
-    def rollback_staged(self) -> None:
-        """Drop what was staged since begin() (nothing if no transaction is open)."""
-        with self._lock:
-            if self.db.in_transaction:
+            try:
+                for key, value in (meta or {}).items():
+                    if value is None:
+                        self.db.execute("DELETE FROM meta WHERE key=?", (key,))
+                    else:
+                        self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+                for rec in records:
+                    self._append(rec)
+                    self._apply_manifest(rec, None)
+                new_head = head if head is not None else (records[-1].seq if records else self._head)
+                self._set_head(max(new_head, self._head))
+                self._save_count()
+                self._commit_tx()
+            except BaseException:
                 self._rollback()
+                raise
 
     def compact(self, keep: int) -> int:
         """Drop records older than the newest `keep`; returns how many were dropped."""

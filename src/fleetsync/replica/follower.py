@@ -44,8 +44,6 @@ class Stats:
     """Counters a replica reports in its status."""
 
     batches: int = 0
-    #: Flush-and-commit points: one per group of back-to-back batches.
-    commits: int = 0
     records: int = 0
     files_written: int = 0
     files_reused: int = 0
@@ -61,23 +59,6 @@ class _Plan:
     local: dict[bytes, bytes] = field(default_factory=dict)
     #: Manifest entries (before this batch) of every path a file record of the batch names.
     known: dict[bytes, Entry] = field(default_factory=dict)
-
-
-@dataclass
-class _Group:
-    """Batches applied to the tree and staged in the journal, flushed and committed together."""
-
-    batches: int = 0
-    records: int = 0
-    bytes: int = 0
-    #: Directories that may hold replaced versions under temp names (recorded at the commit).
-    trash: set[bytes] = field(default_factory=set)
-
-
-def _content_bytes(recs: list[Record]) -> int:
-    """Small-file bytes a batch streams (what BATCH_BYTES bounds)."""
-    return sum(min(r.entry.size, BATCH_BLOB_MAX) for r in recs
-               if r.op == PUT and r.entry is not None and r.entry.kind == FILE)
 
 
 class _Concurrent:
@@ -134,8 +115,6 @@ class Replica:
         #: Directories that may still hold replaced versions under temp names (after a crash).
         self._sweep_dirs = {b"" if d == "." else bytes.fromhex(d) for d in (self.journal.meta("trash") or "").split()}
         self.on_applied: list[Callable[[], None]] = []
-        #: The feed page after the records being applied, requested while they are applied.
-        self._ahead: asyncio.Future[FeedPage] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
     def stop(self) -> None:
@@ -164,11 +143,15 @@ class Replica:
                 if self.journal.meta("bootstrapped") is None:
                     await self.resync(bootstrap=True)
                 page = await self._next_page()
-                self._contact(page)
+                self.last_contact = time.time()
+                self.upstream_head = page.head
                 if page.journal_id != self.journal.journal_id:
                     raise ResyncNeeded(f"upstream {self.upstream} has journal {page.journal_id[:8]}…, "
                                        f"we follow {self.journal.journal_id[:8]}…")
-                await self._follow(page.records)
+                recs = page.records
+                while recs:
+                    n = await self.apply_batch(recs)
+                    recs = recs[n:]
                 self.last_error = None
                 backoff = 0.2
             except ResyncNeeded as e:
@@ -188,42 +171,12 @@ class Replica:
                 await self._failed(f"internal error {type(e).__name__}: {e}", backoff)
                 backoff = min(backoff * 2, 5.0)
 
-    def _contact(self, page: FeedPage) -> None:
-        self.last_contact = time.time()
-        self.upstream_head = page.head
-
-    def _prefetch(self, after: int) -> None:
-        """Request the feed page after seq `after` (records being applied) in the background."""
-        self._drop_prefetch()
-        self._ahead = asyncio.ensure_future(self.client.feed(
-            after, limit=FEED_LIMIT, wait=self.poll_wait, applied=self.journal.head(), error=self.last_error))
-
-    def _drop_prefetch(self) -> None:
-        if self._ahead is not None:
-            self._ahead.cancel()
-            self._ahead = None
-
-    def _ready_page(self) -> list[Record]:
-        """Records of the prefetched page if it has already arrived (and is usable), else []."""
-        task = self._ahead
-        if task is None or not task.done() or task.cancelled() or task.exception() is not None:
-            return []
-        page = task.result()
-        if page.journal_id != self.journal.journal_id or not page.records:
-            return []  # left for _next_page: a resync, or an empty page's long poll is over
-        self._ahead = None
-        self._contact(page)
-        return page.records
-
     async def _next_page(self) -> FeedPage:
         """The next feed page; old versions waiting to be unlinked go once no page came for CLEANUP_IDLE s."""
-        if self._ahead is not None:
-            task, self._ahead = self._ahead, None
-        else:
-            task = asyncio.ensure_future(self.client.feed(self.journal.head(), limit=FEED_LIMIT,
-                                                          wait=self.poll_wait, error=self.last_error))
+        feed = self.client.feed(self.journal.head(), limit=FEED_LIMIT, wait=self.poll_wait, error=self.last_error)
         if not self.fs.deferred:
-            return await task
+            return await feed
+        task = asyncio.ensure_future(feed)
         try:
             while self.fs.deferred:
                 done, _ = await asyncio.wait({task}, timeout=CLEANUP_IDLE)
@@ -430,7 +383,7 @@ class Replica:
                 plan.skip.add(i)
             overwritten.add(r.path)
         moves.reverse()
-        # One query for the batch's manifest rows (they change only when this batch is staged).
+        # One query for the batch's manifest rows (the manifest changes only at the batch's commit).
         plan.known = self.journal.get_many([r.path for r in recs if r.entry is not None and r.entry.kind == FILE])
         for i, r in enumerate(recs):
             e = r.entry
@@ -457,48 +410,9 @@ class Replica:
                         break
         return plan
 
-    async def _follow(self, recs: list[Record]) -> None:
-        """Apply records and the feed pages that arrive meanwhile, one flush and commit per group.
-
-        The page after the records is requested while they are applied; when a batch ends and
-        that page is already here, its records join the group instead of waiting for a flush
-        and commit of their own. A group holds at most FEED_LIMIT records and BATCH_BYTES of
-        small-file content, so the first batch after a crash covers it (and sweeps its temps).
-        """
-        if recs:
-            self._prefetch(recs[-1].seq)
-        while recs:
-            g = _Group()
-            try:
-                while recs:
-                    cut = self._cut(recs)
-                    if g.batches and (g.records + len(cut) > FEED_LIMIT
-                                      or g.bytes + _content_bytes(cut) > BATCH_BYTES):
-                        break
-                    recs = recs[await self._stage_batch(cut, g):]
-                    if not recs:
-                        recs = self._ready_page()
-                        if recs:
-                            self._prefetch(recs[-1].seq)
-                self._commit_group(g)
-            except BaseException:
-                self._drop_prefetch()
-                self.journal.rollback_staged()
-                raise
-
     async def apply_batch(self, records: list[Record]) -> int:
         """Apply a prefix of records durably; returns how many were applied."""
-        g = _Group()
-        try:
-            n = await self._stage_batch(self._cut(records), g)
-            self._commit_group(g)
-        except BaseException:
-            self.journal.rollback_staged()
-            raise
-        return n
-
-    async def _stage_batch(self, recs: list[Record], g: _Group) -> int:
-        """Apply one batch to the tree and stage it in the journal (not yet durable); returns its length."""
+        recs = self._cut(records)
         if self._sweep or self._sweep_dirs:
             # Named temps (filesystems without O_TMPFILE) are written in the root, then renamed;
             # replaced versions wait under temp names until the batch after theirs.
@@ -508,11 +422,7 @@ class Replica:
             for d in dirs:
                 self.fs.sweep_temps(d)
             self._sweep, self._sweep_dirs = False, set()
-        if not g.batches:
-            # Committed before the tree changes: a restart after a crash sweeps the first batch's directories.
-            self.journal.set_meta("inflight", f"{recs[0].seq}-")
-            self.journal.begin()
-        # The plan reads the manifest with the group's earlier batches staged.
+        self.journal.set_meta("inflight", f"{recs[0].seq}-{recs[-1].seq}")
         plan = self._plan(recs)
         pipe = self._pipeline()
         for i, r in enumerate(recs):
@@ -543,30 +453,18 @@ class Replica:
         # unlinked after the cursor commit, once the replica is idle (see run) or when many wait:
         # freeing their blocks is not on the path of the changes still arriving. The commit
         # records every directory that may still hold one, so a restart after a crash sweeps them.
-        g.trash |= self.fs.defer_trash()
-        self.journal.stage(recs)
-        g.batches += 1
-        g.records += len(recs)
-        g.bytes += _content_bytes(recs)
-        return len(recs)
-
-    def _commit_group(self, g: _Group) -> None:
-        """Flush the group's writes to disk, then commit its records (the cursor) after them."""
+        dirs = self.fs.defer_trash()
         self._cleanup_done()
         self.fs.sync()
-        self.journal.commit_staged(meta={"inflight": None,
-                                         "trash": " ".join(sorted(d.hex() or "." for d in g.trash)) or None})
-        if self._ahead is not None and not self._ahead.done():
-            # The long poll asked ahead reports the head before this commit: ask again, so the
-            # upstream sees the new applied position now, not when that poll ends.
-            self._prefetch(self.journal.head())
+        self.journal.apply_records(recs, meta={"inflight": None,
+                                               "trash": " ".join(sorted(d.hex() or "." for d in dirs)) or None})
         if self.fs.cleanup_due:
             self.fs.start_cleanup()
-        self.stats.batches += g.batches
-        self.stats.commits += 1
-        self.stats.records += g.records
+        self.stats.batches += 1
+        self.stats.records += len(recs)
         for cb in self.on_applied:
             cb()
+        return len(recs)
 
     def _cleanup_done(self) -> None:
         """Report an error of a finished background cleanup, once."""

@@ -114,10 +114,6 @@ class Follower:
     last_error: str | None = None
     bytes_sent: int = 0
     addr: str | None = None
-    #: Feed requests seen; a long poll ends early once a newer one of the same follower arrives.
-    polls: int = 0
-    #: Long polls of this follower waiting now.
-    waiting: int = 0
 
 
 @dataclass
@@ -307,28 +303,17 @@ def build_app(state: ServerState) -> web.Application:
         except ValueError:
             return _error(400, "query parameter 'wait' must be a number")
         rid = request.query.get("replica") or request.headers.get("X-Fleetsync-Replica")
-        f: Follower | None = None
         if rid:
             f = state.follower(rid[:200], request.remote)
             f.applied_seq = _int_param(request, "applied", after)
             f.last_error = request.query.get("error") or None
-            f.polls += 1
-            if f.waiting:
-                state.notify()  # its older long poll (abandoned: this one supersedes it) ends now
         if after < j.min_seq() - 1:
             return _error(410, "behind the retained journal; resync from /v1/snapshot",
                           min_seq=j.min_seq(), journal_id=j.journal_id)
         deadline = time.monotonic() + wait
-        mine = f.polls if f is not None else 0
         recs = j.read(after, limit)
-        while not recs and time.monotonic() < deadline and (f is None or f.polls == mine):
-            if f is not None:
-                f.waiting += 1
-            try:
-                await state.wait_change(deadline - time.monotonic())
-            finally:
-                if f is not None:
-                    f.waiting -= 1
+        while not recs and time.monotonic() < deadline:
+            await state.wait_change(deadline - time.monotonic())
             recs = j.read(after, limit)
             if rid:
                 state.follower(rid[:200])
