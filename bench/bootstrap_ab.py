@@ -127,6 +127,8 @@ def main() -> int:
                 busy = machine_cpu_seconds() - busy0
                 cpus.setdefault(name, []).append(busy)
                 log(f"rep {r + 1} {name}: {dt:.2f}s  machine CPU {busy:.1f}s{extra}")
+        hwm = fleet.vmhwm().get("origin")
+        log(f"origin peak RSS (VmHWM) over these runs: {(hwm or 0) / 1e6:.0f} MB")
     finally:
         fleet.stop()
     print(f"\nbootstrap of {a.files} files, {a.reps} repetitions, alternating order:")

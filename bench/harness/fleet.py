@@ -100,6 +100,8 @@ class Fleet:
         self.replicas: dict[str, subprocess.Popen[bytes]] = {}
         self.replica_roots: dict[str, str] = {}
         self.replica_ports: dict[str, int] = {}
+        #: Start replicas with -v (debug log: one line per applied batch with its phases).
+        self.debug_replicas = False
         self.logs = os.path.join(workdir, "logs")
         os.makedirs(self.logs, exist_ok=True)
         self.client: StatusClient | None = None
@@ -150,7 +152,8 @@ class Fleet:
         t0 = now()
         self.replicas[name] = self._spawn(["replica", "--root", root, "--state", state,
                                            "--upstream", self.url, "--id", name,
-                                           "--listen", f"127.0.0.1:{self.replica_ports[name]}"],
+                                           "--listen", f"127.0.0.1:{self.replica_ports[name]}",
+                                           *(["-v"] if self.debug_replicas else [])],
                                           f"replica-{name}.log")
         return t0
 

@@ -154,6 +154,7 @@ class Bench:
         if self.fleet is None:
             self.fleet = Fleet(self.wd, self.origin_root, settle=self.args.settle, poll=self.args.poll,
                                detector=self.args.detector)
+            self.fleet.debug_replicas = self.args.debug_replicas
             log("starting fleetsync origin (initial index)")
             dt = self.fleet.start_origin(free_port(), timeout=self.sizes.timeout * 4)
             self.origin_index_s = dt
