@@ -35,6 +35,8 @@ FEED_LIMIT = 5000
 WRITERS = int(os.environ.get("FLEETSYNC_WRITERS", "0"))
 #: Bootstrap batches fetched and written concurrently.
 BOOTSTRAP_CONCURRENCY = 2
+#: Connections one large blob may take when they break mid-transfer (each resumes with Range).
+RESUME_TRIES = 8
 #: Seconds without a new feed page after which the old versions of applied files are unlinked.
 CLEANUP_IDLE = 0.2
 
@@ -341,7 +343,7 @@ class Replica:
         try:
             before = self.client.bytes_received
             if not await chunks.try_delta(self.client, self.fs, p, e, fd):
-                await self.client.blob_to_fd(e.hash, e.size, fd, hint=p)
+                await self._blob_resuming(p, e, fd)
             self.stats.bytes_fetched += self.client.bytes_received - before
             os.fchmod(fd, e.mode)
             os.utime(fd, ns=(e.mtime_ns, e.mtime_ns))
@@ -357,6 +359,28 @@ class Replica:
         self.fs.link_root_temp(p, fd, tmp)
         self.stats.files_written += 1
         return True
+
+    async def _blob_resuming(self, p: bytes, e: Entry, fd: int) -> None:
+        """Stream a large blob into fd; after a broken connection, resume with Range from what fd holds.
+
+        Up to RESUME_TRIES connections per blob, so a link that drops every few megabytes still
+        delivers a large file instead of restarting it from byte 0 at every retry of the batch.
+        """
+        assert e.hash is not None
+        delay = 0.2
+        for attempt in range(1, RESUME_TRIES + 1):
+            try:
+                await self.client.blob_to_fd(e.hash, e.size, fd, hint=p)
+                return
+            except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, asyncio.TimeoutError) as err:
+                if attempt == RESUME_TRIES:
+                    raise
+                have = os.lseek(fd, 0, os.SEEK_END)
+                log.info("fetching %s (%s…, %d bytes) from %s: %s; resuming at byte %d (try %d of %d)",
+                         p[:80], e.hash.hex()[:12], e.size, self.upstream, type(err).__name__, have,
+                         attempt + 1, RESUME_TRIES)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
 
     # -- steady state ----------------------------------------------------------------------------
     def _cut(self, records: list[Record]) -> list[Record]:
