@@ -2,7 +2,7 @@
 # Install the system packages the test suite uses, when we can (root + apt-get). Never fails the build:
 # tests that need a missing tool skip with a message naming the package.
 set -u
-want=(rsync openssh-client openssh-sftp-server)
+want=(rsync openssh-client openssh-sftp-server nginx-light)
 missing=()
 for p in "${want[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
