@@ -124,7 +124,8 @@ class FaultProxy:
                     w.write(data)
                     sent += len(data)
                     await w.drain()
-                w.write_eof() if w.can_write_eof() else None
+                if w.can_write_eof():
+                    w.write_eof()
             except (ConnectionError, OSError, RuntimeError):
                 pass
 
