@@ -16,17 +16,7 @@ import pytest
 from aiohttp import web
 
 from fleetsync.hashing import hash_bytes
-from tests.helpers.cluster import Cluster, free_port
-
-
-def _wait(cond: Any, timeout: float = 30.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = cond()
-        if v:
-            return v
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
+from tests.helpers.cluster import Cluster, free_port, wait_for
 
 
 def test_emptied_origin_root_pauses_instead_of_mass_delete(tmp_path: Path) -> None:
@@ -41,7 +31,7 @@ def test_emptied_origin_root_pauses_instead_of_mass_delete(tmp_path: Path) -> No
         # The volume "unmounts": everything vanishes at once.
         for p in c.origin.root.iterdir():
             p.unlink()
-        st = _wait(lambda: (s := c.status())["paused"] and s, what="origin to pause")
+        st = wait_for(lambda: (s := c.status())["paused"] and s, what="origin to pause")
         assert "empty" in st["paused"]
         time.sleep(1.0)
         assert c.status()["seq"] == seq, "nothing may be journaled while paused"
@@ -50,7 +40,7 @@ def test_emptied_origin_root_pauses_instead_of_mass_delete(tmp_path: Path) -> No
         for i in range(50):
             (c.origin.root / f"page{i}.html").write_bytes(b"x" * i)
         (c.origin.root / "anchor").write_bytes(b"anchor: this file is never deleted by the tests\n")
-        _wait(lambda: c.status()["paused"] is None, what="origin to resume")
+        wait_for(lambda: c.status()["paused"] is None, what="origin to resume")
         c.wait_converged(timeout=60)
     finally:
         c.stop()
@@ -65,7 +55,7 @@ def test_removed_origin_root_pauses(tmp_path: Path) -> None:
         c.wait_ready()
         c.wait_converged(timeout=60)
         shutil.rmtree(c.origin.root)
-        st = _wait(lambda: (s := c.status())["paused"] and s, what="origin to pause")
+        st = wait_for(lambda: (s := c.status())["paused"] and s, what="origin to pause")
         assert "root" in st["paused"]
         assert (c.replicas["r1"].root / "sub" / "a").read_bytes() == b"a"
     finally:
@@ -172,7 +162,7 @@ def test_hostile_paths_are_refused_and_reported(tmp_path: Path, path: str) -> No
                              "--state", str(tmp_path / "state"), "--upstream", f"http://127.0.0.1:{up.port}",
                              "--id", "victim"], stderr=subprocess.PIPE, text=True)
     try:
-        _wait(lambda: up.errors, what="the replica to report an error upstream")
+        wait_for(lambda: up.errors, what="the replica to report an error upstream")
     finally:
         proc.terminate()
         _, err = proc.communicate(timeout=15)
@@ -197,7 +187,7 @@ def test_symlinked_parent_in_replica_root_is_replaced_not_followed(tmp_path: Pat
                              "--state", str(tmp_path / "state"), "--upstream", f"http://127.0.0.1:{up.port}",
                              "--id", "victim"], stderr=subprocess.DEVNULL)
     try:
-        _wait(lambda: (root / "link" / "file").exists(), what="the file to land inside the root")
+        wait_for(lambda: (root / "link" / "file").exists(), what="the file to land inside the root")
     finally:
         proc.terminate()
         proc.wait(timeout=15)

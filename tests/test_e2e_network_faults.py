@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.cluster import Cluster
+from tests.helpers.cluster import Cluster, wait_for
 from tests.helpers.faultproxy import FaultProxy
 
 MiB = 1 << 20
@@ -42,14 +42,6 @@ def _write(root: Path, rng: random.Random, name: str, size: int) -> None:
     os.rename(tmp, p)
 
 
-def _until(cond: object, what: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
 def test_connections_reset_mid_transfer_are_retried_and_lose_nothing(proxied: tuple[Cluster, FaultProxy]) -> None:
     c, px = proxied
     rng = random.Random(7)
@@ -60,7 +52,7 @@ def test_connections_reset_mid_transfer_are_retried_and_lose_nothing(proxied: tu
         _write(c.origin.root, rng, f"small/f{i:03d}.html", rng.randint(2_000, 40_000))
     _write(c.origin.root, rng, "big/video.mp4", 6 * MiB + 123)
     _write(c.origin.root, rng, "big/archive.tar", 2 * MiB)
-    _until(lambda: px.resets >= 4, "four resets mid-transfer")
+    wait_for(lambda: px.resets >= 4, 60, "four resets mid-transfer", every=0.05)
     px.reset_after = None
     c.wait_converged(timeout=120)
     assert px.resets >= 4 and px.connections > px.resets
@@ -86,7 +78,7 @@ def test_a_stalled_link_delays_and_then_delivers_everything(proxied: tuple[Clust
 def test_all_connections_reset_while_idle_then_changes_still_arrive(proxied: tuple[Cluster, FaultProxy]) -> None:
     c, px = proxied
     rng = random.Random(9)
-    _until(lambda: px.reset_all() > 0, "an open long poll to reset", timeout=10)
+    wait_for(lambda: px.reset_all() > 0, 10, "an open long poll to reset", every=0.05)
     _write(c.origin.root, rng, "late/file.txt", 12_345)
     c.wait_converged(timeout=60)
 

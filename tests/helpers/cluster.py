@@ -33,6 +33,17 @@ def http_get_json(url: str, timeout: float = 5.0) -> dict[str, Any]:
         return json.loads(resp.read())
 
 
+def wait_for(cond: Callable[[], Any], timeout: float = 30.0, what: str = "condition", every: float = 0.1) -> Any:
+    """Poll cond() until it returns something true (and return that); AssertionError after timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = cond()
+        if v:
+            return v
+        time.sleep(every)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
 def tail(path: Path, lines: int = 40) -> str:
     """Last ``lines`` lines of a text file (empty string if missing)."""
     try:
