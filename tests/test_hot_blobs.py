@@ -28,6 +28,25 @@ def test_fifo_budget_and_item_limit() -> None:
     assert (h.hits, h.misses) == (3, 2)
 
 
+def test_entries_expire_after_the_ttl() -> None:
+    now = [100.0]
+    h = HotBlobs(max_bytes=100, ttl=10.0, clock=lambda: now[0])
+    h.put(b"a", b"aaaa")
+    now[0] = 105.0
+    h.put(b"b", b"bb")
+    now[0] = 110.5  # a is 10.5 s old: gone on get, even before anything expires it
+    assert h.get(b"a") is None and h.get(b"b") == b"bb"
+    h.expire()
+    assert len(h) == 1 and h.nbytes == 2
+    h.put(b"b", b"bb")  # put again: kept for another ttl
+    now[0] = 119.0
+    h.expire()
+    assert h.get(b"b") == b"bb"
+    now[0] = 121.0
+    h.put(b"c", b"c")  # a put expires the old ones too
+    assert len(h) == 1 and h.nbytes == 1 and h.get(b"b") is None
+
+
 @pytest.mark.parametrize("size", [0, 1, 1 << 20, (1 << 20) + 1, 3 << 20])
 def test_hash_fd_keep_returns_content_up_to_the_limit(tmp_path: Path, size: int) -> None:
     data = os.urandom(size)
@@ -85,3 +104,31 @@ async def test_server_answers_from_the_hot_cache_without_the_file(tmp_path: Path
         assert o.state.hot.hits == 1
     finally:
         await o.stop()
+
+
+def test_indexer_does_not_keep_content_hashed_during_a_walk(tmp_path: Path) -> None:
+    """An initial index (a walk of the whole tree) leaves the cache empty: no memory held for nobody."""
+    root = tmp_path / "root"
+    (root / "d").mkdir(parents=True)
+    for i in range(20):
+        (root / "d" / f"{i}.html").write_bytes(b"<p>%d</p>" % i)
+    j = SqliteJournal(str(tmp_path / "o.db"), content_index=False)
+    hot = HotBlobs()
+    ix = Indexer(str(root), j, settle=0.0, hot=hot)
+
+    async def run() -> None:
+        ix.rescan(b"")
+        for _ in range(500):
+            await ix.process_ready()
+            if not ix.busy() and j.get(b"d/19.html") is not None:
+                break
+            await asyncio.sleep(0.01)
+        assert j.get(b"d/19.html") is not None
+        assert len(hot) == 0
+        (root / "d" / "new.html").write_bytes(b"<p>new</p>")  # a live change after the walk is kept
+        ix.changed(b"d/new.html", closed=True)
+        await asyncio.sleep(0.01)
+        await ix.process_ready()
+    asyncio.run(run())
+    assert hot.get(hash_bytes(b"<p>new</p>")) == b"<p>new</p>" and len(hot) == 1
+    j.close()

@@ -55,12 +55,12 @@ def _batch_with_rename(ix: Indexer, root: Path, old: str, new: str, *, before_lo
             os.rename(root / old, root / new)
             loop.call_soon_threadsafe(lambda: (ix.moved(old.encode(), new.encode(), True), reported.set()))
 
-        def observe(ready, known):  # type: ignore[no-untyped-def]
+        def observe(ready, known, *rest):  # type: ignore[no-untyped-def]
             if before_look:
                 rename()
                 assert reported.wait(5)  # dispatched before the look
-                return real_observe(ready, known)
-            out = real_observe(ready, known)
+                return real_observe(ready, known, *rest)
+            out = real_observe(ready, known, *rest)
             rename()
             return out
 
@@ -586,8 +586,8 @@ def test_removal_a_running_walk_compared_before_the_batch_commit_is_not_lost(tmp
     async def run() -> None:
         loop = asyncio.get_running_loop()
 
-        def observe(ready, known):  # type: ignore[no-untyped-def]
-            out = real_observe(ready, known)  # a/f seen
+        def observe(ready, known, *rest):  # type: ignore[no-untyped-def]
+            out = real_observe(ready, known, *rest)  # a/f seen
             f.unlink() if kind == "file" else f.rmdir()
             # The removal's event was lost in an overflow, which asks for a walk of the root; the
             # walk lists a/ and reads the manifest before this batch commits.

@@ -568,6 +568,9 @@ class Bench:
                 facts["cpu_s"] = cpu
                 facts["replica_batches"] = {n: rs1[n].get("batches", 0) - rs0.get(n, {}).get("batches", 0) for n in rs1}
                 facts["write_s"] = round(t_last - t_first, 3)
+                hot0, hot1 = st0.get("hot_blobs") or {}, st.get("hot_blobs") or {}
+                if hot1:
+                    facts["origin_hot"] = {k: hot1.get(k, 0) - hot0.get(k, 0) for k in ("hits", "misses")}
                 log(f"  fleetsync round {i + 1}: {t - t_last:.3f}s, {st['seq'] - st0['seq']} records, "
                     f"egress {e / 1e6:.1f} MB for {facts['changed_bytes'] / 1e6:.1f} MB changed ({facts})")
                 diffs = self.verify_fleet("round", last=i == self.sizes.rounds - 1)

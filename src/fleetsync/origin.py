@@ -159,6 +159,7 @@ class Origin:
                          "%d pending", ix.scan_checked, ix.scan_differ, ix.records_written, len(ix.pending))
                 last = (ix.records_written, ix.scan_checked)
             self.journal.compact(self.retain)
+            self.hot.expire()
 
 
 def select_detector(kind: str, fanotify_check: Callable[[], tuple[bool, str]]) -> tuple[str | None, str | None]:

@@ -17,7 +17,7 @@ import signal
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Set as AbstractSet
 from dataclasses import dataclass
 
 from fleetsync import paths
@@ -49,6 +49,8 @@ class Pending:
     writing: bool
     first: float
     removed: bool = False
+    #: Hinted by a walk only (no event): its content is not kept for replicas (see HotBlobs).
+    walked: bool = False
 
 
 @dataclass(slots=True)
@@ -156,6 +158,7 @@ class Indexer:
         else:
             p.deadline = now + self.settle
             p.removed = False
+            p.walked = False
             if closed:
                 p.writing = False
             elif writing:
@@ -283,7 +286,7 @@ class Indexer:
         now = time.monotonic()
         for h in hints:
             if h not in self.pending:
-                self.pending[h] = Pending(now, False, now)
+                self.pending[h] = Pending(now, False, now, walked=True)
         self._wake.set()
 
     def _scan_done(self) -> None:
@@ -501,6 +504,7 @@ class Indexer:
             self.scanning -= len(walks)
             for p in walks:
                 self.rescan(p)
+        walked = {p for p in ready if self.pending[p].walked}
         for p in ready:
             del self.pending[p]
         self._inflight = len(ready)
@@ -520,7 +524,9 @@ class Indexer:
             fetched.update(dict.fromkeys(parents))
             fetched.update(self.j.get_many(sorted(parents)))
             self._flight_dirs = {p for p in ready if (e := fetched.get(p)) is not None and e.kind == DIR}
-            obs = await loop.run_in_executor(None, self._observe, ready, known)
+            # Content a walk found (an initial index, a reconcile) is not kept for replicas: nobody
+            # waits for it right now, and a large tree's would only churn the cache.
+            obs = await loop.run_in_executor(None, self._observe, ready, known, walked)
             # Anything touched again while we were hashing is not settled: drop the result, keep the hint.
             self.drain()
             obs = [o for o in obs if o.path not in self.pending]
@@ -598,8 +604,12 @@ class Indexer:
             self.records_written += len(recs)
             self.on_commit(len(recs))
 
-    def _observe(self, ready: list[bytes], known: dict[bytes, tuple[Entry, LocalStat | None]]) -> list[_Obs]:
-        """lstat (and hash where needed) each ready path against its manifest row; runs in a worker thread."""
+    def _observe(self, ready: list[bytes], known: dict[bytes, tuple[Entry, LocalStat | None]],
+                 walked: AbstractSet[bytes] = frozenset()) -> list[_Obs]:
+        """lstat (and hash where needed) each ready path against its manifest row; runs in a worker thread.
+
+        Content hashed for paths not in `walked` is kept in the hot cache for the replicas.
+        """
         out: list[_Obs] = []
         for p in ready:
             st = self.fs.lstat(p)
@@ -636,7 +646,8 @@ class Indexer:
                 o.unstable = True
                 continue
             try:
-                digest, n, data = hash_fd_keep(fd, self.hot.item_max if self.hot is not None else -1,
+                hot = self.hot if p not in walked else None
+                digest, n, data = hash_fd_keep(fd, hot.item_max if hot is not None else -1,
                                                st.st_size)
                 # After the content was read: is a writer at work (an open(O_TRUNC) in progress
                 # included)? If none is, the stat below shows whether what was read is still there.
@@ -655,8 +666,8 @@ class Indexer:
                 continue
             o.entry = entry_from_stat(st, hash_=digest)
             o.hashed = True
-            if data is not None and self.hot is not None:
-                self.hot.put(digest, data)
+            if data is not None and hot is not None:
+                hot.put(digest, data)
         if not self.close_events:
             # No close events (the scanner): a writer may have opened the file (O_TRUNC) before
             # our lstat and stalled for longer than the settle window; a cached view of /proc
