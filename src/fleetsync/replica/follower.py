@@ -19,12 +19,12 @@ from fleetsync import paths
 from fleetsync.entry import DELETE, DIR, FILE, LINK, MOVE, PUT, Entry, Record
 from fleetsync.errors import FleetsyncError, ResyncNeeded, UnsafePath
 from fleetsync.journal.sqlite import SnapshotStage, SqliteJournal
-from fleetsync.replica.fsops import ConfinedRoot
+from fleetsync.replica.fsops import ConfinedRoot, verify_digest
 from fleetsync.replica.pipeline import BlobPipeline, RetryLater
 from fleetsync.transport import chunks
 from fleetsync.transport import compress as zstd_stream
 from fleetsync.transport.client import BlobChanged, BlobGone, FeedPage, UpstreamClient
-from fleetsync.transport.wire import BATCH_BLOB_MAX, GONE, OK
+from fleetsync.transport.wire import BATCH_BLOB_MAX, CHANGED, GONE, OK
 
 log = logging.getLogger("fleetsync.replica")
 
@@ -308,29 +308,42 @@ class Replica:
         self.stats.bytes_fetched += n
 
     async def _fetch_and_write(self, items: list[tuple[bytes, Entry]]) -> None:
-        """Fetch content for (path, entry) pairs and place it; gone content is skipped."""
+        """Fetch content for (path, entry) pairs and place it; gone content is skipped.
+
+        A resync's paths are independent of each other (their directories are in place before),
+        so each small blob is written and linked at every path that wants it as it arrives: no
+        per-blob futures or placing order as in BlobPipeline, which a record batch needs.
+        """
         if not items:
             return
-        pipe = self._pipeline()
-        for i, (_, e) in enumerate(items):
+        by_hash: dict[bytes, list[tuple[bytes, Entry]]] = {}
+        singly: list[tuple[bytes, Entry]] = []
+        for p, e in items:
+            assert e.hash is not None
             if e.size <= BATCH_BLOB_MAX:
-                assert e.hash is not None
-                pipe.want(e.hash, e, i, items[i][0])
-        pipe.start()
-        ok = False
-        try:
-            for i, (p, e) in enumerate(items):
-                assert e.hash is not None
-                st = await pipe.place(e.hash, i, p, e)
-                pipe.passed(i)
-                if st == OK:
-                    self.stats.files_written += 1
-                elif st != GONE or pipe.hint_of(e.hash) != p:
-                    # Not streamed, or gone where it was asked for but maybe still here.
-                    await self._fetch_large(p, e)
-            ok = True
-        finally:
-            await pipe.close(ok)
+                by_hash.setdefault(e.hash, []).append((p, e))
+            else:
+                singly.append((p, e))
+        if by_hash:
+            fs = self.fs
+            async for digest, status, data in self.client.blobs(list(by_hash), [t[0][0] for t in by_hash.values()]):
+                targets = by_hash[digest]
+                if status == OK:
+                    self.stats.bytes_fetched += len(data)
+                    verify_digest(data, targets[0][1], f"blob from {self.upstream}")
+                    for p, e in targets:
+                        fs.write_file(p, data, e)
+                    self.stats.files_written += len(targets)
+                elif status == CHANGED:
+                    raise RetryLater(f"blob {digest.hex()[:12]}… changed at {self.upstream} since it was "
+                                     "recorded; retrying")
+                elif status == GONE:
+                    # Gone where it was asked for (the first path); maybe still at the others.
+                    singly.extend(targets[1:])
+                else:
+                    singly.extend(targets)
+        for p, e in singly:
+            await self._fetch_large(p, e)
 
     async def _fetch_large(self, p: bytes, e: Entry) -> bool:
         """Stream one blob into a temp file in the root and link it in at p; False if gone upstream.
