@@ -58,6 +58,8 @@ def main() -> int:
     ap.add_argument("--wait-idle", type=float, default=60.0)
     ap.add_argument("--profile", metavar="DIR", default=None,
                     help="py-spy (raw collapsed stacks) of the origin and each replica run into DIR")
+    ap.add_argument("--profile-gil", action="store_true",
+                    help="with --profile: only samples that hold the GIL (Python's own work, no system calls)")
     ap.add_argument("variants", nargs="+")
     a = ap.parse_args()
     wd = os.path.abspath(a.workdir)
@@ -81,7 +83,7 @@ def main() -> int:
         if not spy:
             print("--profile needs py-spy: make .venv/.installed-bench")
             return 2
-        prof = Profiler(a.profile, spy)
+        prof = Profiler(a.profile, spy, gil=a.profile_gil)
     try:
         for r in range(a.reps):
             for spec in (a.variants if r % 2 == 0 else a.variants[::-1]):

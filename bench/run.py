@@ -87,6 +87,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
                     help="drop page caches (echo 3 > /proc/sys/vm/drop_caches) before each bootstrap and round run")
     ap.add_argument("--profile", action="store_true",
                     help="attach py-spy (record, raw collapsed stacks) to the origin and one replica")
+    ap.add_argument("--profile-gil", action="store_true",
+                    help="with --profile: only samples that hold the GIL (Python's own work, no system calls)")
     ap.add_argument("--debug-replicas", action="store_true",
                     help="start the replicas with -v: their logs (in the workdir's logs/, see --keep) get one "
                          "line per applied batch with its records and the time of each phase")

@@ -53,9 +53,12 @@ class StatusClient:
 class Profiler:
     """py-spy record attached to running processes (only with --profile)."""
 
-    def __init__(self, out_dir: str, py_spy: str) -> None:
+    def __init__(self, out_dir: str, py_spy: str, gil: bool = False) -> None:
         self.out_dir = out_dir
         self.py_spy = py_spy
+        #: Only samples of the thread holding the GIL: the Python interpreter's own work, without
+        #: time spent in system calls (which release it).
+        self.gil = gil
         self.running: list[tuple[subprocess.Popen[bytes], str]] = []
         os.makedirs(out_dir, exist_ok=True)
 
@@ -63,7 +66,7 @@ class Profiler:
         """Start sampling pid into <out_dir>/<label>.txt (collapsed stacks)."""
         out = os.path.join(self.out_dir, label + ".txt")
         p = subprocess.Popen([self.py_spy, "record", "--pid", str(pid), "--format", "raw", "--rate", "100",
-                              "--nonblocking", "--threads", "-o", out],
+                              "--nonblocking", "--threads", *(["--gil"] if self.gil else []), "-o", out],
                              stdout=subprocess.DEVNULL, stderr=open(out + ".log", "wb"))
         self.running.append((p, out))
 

@@ -120,7 +120,8 @@ class Bench:
         self.cold = bool(args.cold)
         self.profiler: Profiler | None = None
         if args.profile:
-            self.profiler = Profiler(os.path.join(args.profile_dir, results.run_id), args.py_spy)
+            self.profiler = Profiler(os.path.join(args.profile_dir, results.run_id), args.py_spy,
+                                     gil=args.profile_gil)
         self.done: list[str] = []
         self.origin_index_s: float | None = None
         self.origin_hwm_after_index: int | None = None
