@@ -5,7 +5,8 @@ Starts `fleetsync origin` on an existing tree and state directory (for instance 
 that `bench/detect_cost.py --keep` leaves behind), waits until it has reconciled, then lets
 `--clients` clients each read the whole snapshot and then the first `--blobs` file blobs in
 batches, as a bootstrapping replica does, discarding the data. The origin's VmRSS, VmHWM and
-RssAnon are sampled every 0.5 s; the phases and the peak are printed, then a JSON summary.
+RssAnon are sampled every 0.5 s; the phases, the peak and the origin's CPU while serving are
+printed, then a JSON summary.
 
 Usage:  .venv/bin/python bench/serve_memory.py --root ROOT --state STATE [--clients 3] [--blobs N]
 """
@@ -37,6 +38,13 @@ def _mem(pid: int) -> dict[str, int]:
             if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
                 out[key] = int(line.split()[1]) // 1024
     return out
+
+
+def _cpu(pid: int) -> float:
+    """utime + stime of pid in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        parts = f.read().rsplit(")", 1)[1].split()
+    return (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def _bootstrap(base: str, i: int, nblobs: int, log: list[str]) -> None:
@@ -100,8 +108,11 @@ async def _run(a: argparse.Namespace) -> dict[str, object]:
         idle = _mem(origin.pid)
         print(f"origin reconciled in {ready:.1f} s; idle {idle}", flush=True)
         log: list[str] = []
+        cpu0, t1 = _cpu(origin.pid), time.monotonic()
         await asyncio.gather(*(_bootstrap(base, i, a.blobs, log) for i in range(a.clients)))
+        serve_s, serve_cpu = time.monotonic() - t1, _cpu(origin.pid) - cpu0
         print("\n".join(log))
+        print(f"origin CPU while serving: {serve_cpu:.2f} s in {serve_s:.1f} s", flush=True)
         end = _mem(origin.pid)
     finally:
         stop.set()
@@ -111,7 +122,8 @@ async def _run(a: argparse.Namespace) -> dict[str, object]:
     peak = max((m for _, m in samples), key=lambda m: m.get("VmRSS", 0))
     print(f"after serving: {end}; highest sample: {peak}")
     return {"clients": a.clients, "blobs": a.blobs, "reconcile_s": round(ready, 1), "idle": idle,
-            "end": end, "peak_sample": peak, "vmhwm_mb": end.get("VmHWM")}
+            "end": end, "peak_sample": peak, "vmhwm_mb": end.get("VmHWM"),
+            "serve_s": round(serve_s, 2), "serve_cpu_s": round(serve_cpu, 2)}
 
 
 def main() -> int:

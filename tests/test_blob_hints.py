@@ -12,7 +12,7 @@ import pytest
 from fleetsync.hashing import hash_bytes
 from fleetsync.journal.sqlite import SqliteJournal
 from fleetsync.transport.client import BlobGone, UpstreamClient
-from fleetsync.transport.wire import GONE, OK
+from fleetsync.transport.wire import CHANGED, GONE, OK
 from tests.helpers.apiserver import ApiServer
 
 
@@ -59,6 +59,32 @@ async def test_blobs_are_found_by_their_path_hint(origin: ApiServer) -> None:
                 await client.blob_to_fd(a.hash, a.size, fd, hint=b"b/y.js")
         finally:
             os.close(fd)
+    finally:
+        await client.close()
+
+
+async def test_a_blob_at_its_hint_is_served_without_a_manifest_lookup(origin: ApiServer,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hinted file is read and hashed; only when it does not hash right does the manifest decide."""
+    a = origin.put("a/x.css", b"alpha" * 100)
+
+    def no_lookup(*args: object) -> list[tuple[bytes, int, int]]:
+        raise AssertionError("manifest lookup for a blob found at its hint")
+
+    client = UpstreamClient(origin.url, replica_id="t")
+    try:
+        with monkeypatch.context() as m:
+            m.setattr(origin.state._lookup, "find", no_lookup)
+            got = [(st, data) async for _, st, data in client.blobs([a.hash], [b"a/x.css"])]
+            assert got == [(OK, b"alpha" * 100)]
+        # Other bytes at the hinted path (a change not recorded yet): the manifest still lists the
+        # path with this hash, so the answer is "changed" (retry later), never wrong content.
+        (origin.root / "a" / "x.css").write_bytes(b"ALPHA" * 100)
+        assert [st async for _, st, _ in client.blobs([a.hash], [b"a/x.css"])] == [CHANGED]
+        # A FIFO planted at the hint does not block the server.
+        os.unlink(origin.root / "a" / "x.css")
+        os.mkfifo(origin.root / "a" / "x.css")
+        assert [st async for _, st, _ in client.blobs([a.hash], [b"a/x.css"])] == [CHANGED]
     finally:
         await client.close()
 
