@@ -180,48 +180,38 @@ class ServerState:
             data = self.hot.get(digest)
             if data is not None:
                 return OK, data
-        if hint is not None:
-            data = self._read_at_hint(digest, hint)
-            if data is not None:
-                return OK, data
+        if hint is not None and (data := self._read_verified(hint, digest)) is not None:
+            return OK, data  # no manifest lookup: the hash decided
         cands = self._lookup.find(digest, hint)
         if not cands:
             return GONE, b""
-        for p, size, mtime_ns in cands:
+        for p, size, _ in cands:
             if size > BATCH_BLOB_MAX:
                 return TOO_LARGE, b""
-            # A cached directory descriptor may be stale (renamed directory): the hash check below
-            # catches a wrong file, and a miss is retried with every parent resolved afresh.
-            for fresh in (False, True):
-                fd = self._open(p, size, None, fresh)  # the hash decides, not the mtime
-                if fd is None:
-                    continue
-                try:
-                    data = _read_exactly(fd, size)
-                finally:
-                    os.close(fd)
-                if data is not None and hash_bytes(data) == digest:
-                    return OK, data
+            if p != hint and (data := self._read_verified(p, digest, size)) is not None:
+                return OK, data
         return CHANGED, b""
 
-    def _read_at_hint(self, digest: bytes, hint: bytes) -> bytes | None:
-        """The small file at the hinted path if its content hashes to digest, else None.
+    def _read_verified(self, p: bytes, digest: bytes, size: int | None = None) -> bytes | None:
+        """p's content if p is a regular file of `size` bytes (None: any size up to BATCH_BLOB_MAX)
+        that hashes to digest, else None.
 
-        No manifest lookup: the hash decides, so the bytes are the digest's content whatever the
-        manifest says (and only someone who knows a content's hash can ask for it). Anything else
-        (no such file, too large, other content) is left to the lookup, which tells gone from
-        changed.
+        The hash decides, not the manifest: the bytes returned are the digest's content whatever
+        has happened to the file since (and only someone who knows a content's hash can ask for
+        it). A cached directory descriptor may be stale after a directory rename, so a miss is
+        retried with every parent resolved afresh.
         """
         for fresh in (False, True):
             try:
-                fd = self._reader.open_read(hint, fresh)
+                fd = self._reader.open_read(p, fresh)
             except (OSError, UnsafePath):
-                return None
+                continue
             try:
                 st = os.fstat(fd)
-                if not stat.S_ISREG(st.st_mode) or st.st_size > BATCH_BLOB_MAX:
-                    return None
-                data = _read_exactly(fd, st.st_size)
+                want = st.st_size if size is None else size
+                if not stat.S_ISREG(st.st_mode) or st.st_size != want or want > BATCH_BLOB_MAX:
+                    continue
+                data = _read_exactly(fd, want)
             finally:
                 os.close(fd)
             if data is not None and hash_bytes(data) == digest:
