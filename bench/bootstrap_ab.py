@@ -34,6 +34,18 @@ from harness.util import cpu_seconds, free_port, log, machine_cpu_seconds, sync_
 from fleetsync.ops.corpus import generate  # noqa: E402
 
 
+def _tree_bytes(root: str) -> int:
+    """Bytes a copy of the tree at root takes on disk (allocated blocks, directories included)."""
+    total = 0
+    for d, dirs, files in os.walk(root):
+        for n in dirs + files:
+            try:
+                total += os.lstat(os.path.join(d, n)).st_blocks * 512
+            except FileNotFoundError:
+                pass
+    return total
+
+
 def _variant(spec: str) -> tuple[str, dict[str, str]]:
     name, _, env = spec.partition(":")
     return name, dict(kv.split("=", 1) for kv in env.split(",") if kv)
@@ -71,6 +83,16 @@ def main() -> int:
         log(f"corpus of {a.files} files in {time.time() - t:.1f}s")
         open(done, "w").close()
     sync_disks()
+    # Every run adds a tree copy and nothing is deleted: check the room for all of them up front
+    # (a full disk leaves a replica retrying its bootstrap, and the run waiting, forever).
+    tree = _tree_bytes(origin)
+    runs = a.reps * len(a.variants)
+    free = shutil.disk_usage(wd).free
+    if free < tree * runs * 1.1 + (1 << 30):
+        print(f"not enough disk in {wd}: {runs} runs need about {tree * runs * 1.1 / 1e9:.0f} GB "
+              f"({runs} copies of the {tree / 1e6:,.0f} MB tree, kept until you remove them), "
+              f"{free / 1e9:.0f} GB free. Remove earlier runs' copies (everything in it but origin*).")
+        return 2
     fleet = Fleet(wd, origin, settle=0.2)
     log(f"origin indexed in {fleet.start_origin(free_port()):.1f}s")
     times: dict[str, list[float]] = {}
