@@ -8,8 +8,9 @@ since (a newer record then follows, exactly as if the replica had fetched a mome
 The budget covers the content of the commits three replicas are fetching at once in a
 1,000-change round (measured: 4 MiB answered 35-65 % of a round's blob requests, 8 MiB 80-97 %,
 16 and 32 MiB 99.7 %; the rest is read and hashed again once per replica). A burst fills it, which
-costs about 20 MB of peak RSS at 16 MiB (about 40-75 MB at 32 MiB). Entries expire after `ttl` seconds, so an idle origin holds nothing; the indexer
-does not fill the cache while it walks the tree (an initial index would only churn it).
+costs about 20 MB of peak RSS at 16 MiB (about 40-75 MB at 32 MiB). Entries expire after `ttl`
+seconds, so an idle origin holds nothing; the indexer does not fill the cache while it walks the
+tree (an initial index would only churn it).
 """
 
 from __future__ import annotations

@@ -54,6 +54,15 @@ def syncfs(fd: int) -> None:
         os.sync()
 
 
+def write_all(fd: int, data: bytes) -> None:
+    """Write all of data to fd (one call for a small file)."""
+    n = os.write(fd, data)
+    if n < len(data):
+        view = memoryview(data)[n:]
+        while view:
+            view = view[os.write(fd, view):]
+
+
 def link_fd(fd: int, name: bytes | str, dst_dir_fd: int) -> None:
     """Give the open file fd (an O_TMPFILE file) the name `name` in directory dst_dir_fd.
 
@@ -62,6 +71,7 @@ def link_fd(fd: int, name: bytes | str, dst_dir_fd: int) -> None:
     a small file here). Raises FileExistsError if the name exists.
     """
     global _empty_path_links
+    refused = False
     if _empty_path_links:
         bname = os.fsencode(name)
         if _libc.linkat(fd, b"", dst_dir_fd, bname, _AT_EMPTY_PATH) == 0:
@@ -71,10 +81,10 @@ def link_fd(fd: int, name: bytes | str, dst_dir_fd: int) -> None:
             raise OSError(err, os.strerror(err), bname)
         # Not permitted (ENOENT without CAP_DAC_READ_SEARCH), or the directory went away: the
         # /proc way decides; if it works, the fast way is not tried again.
-        os.link(f"/proc/self/fd/{fd}", name, dst_dir_fd=dst_dir_fd, follow_symlinks=True)
-        _empty_path_links = False
-        return
+        refused = True
     os.link(f"/proc/self/fd/{fd}", name, dst_dir_fd=dst_dir_fd, follow_symlinks=True)
+    if refused:
+        _empty_path_links = False
 
 
 class ConfinedRoot:
@@ -280,12 +290,7 @@ class ConfinedRoot:
         if fd < 0:
             fd, tmp = self.open_root_temp()
         try:
-            n = os.write(fd, data)
-            if n < len(data):
-                view = memoryview(data)[n:]
-                while view:
-                    n = os.write(fd, view)
-                    view = view[n:]
+            write_all(fd, data)
             # (Not the mode at creation: a directory's default ACL would override it.)
             os.fchmod(fd, e.mode)
             os.utime(fd, ns=(e.mtime_ns, e.mtime_ns))
@@ -498,10 +503,7 @@ class ConfinedRoot:
         """Atomically place verified content at path."""
         dfd, tmp, fd = self.open_temp(path)
         try:
-            view = memoryview(data)
-            while view:
-                n = os.write(fd, view)
-                view = view[n:]
+            write_all(fd, data)
         except BaseException:
             self.abort_temp(dfd, tmp, fd)
             raise

@@ -162,14 +162,14 @@ class ServerState:
         return f
 
     # -- content ---------------------------------------------------------------------------------
-    def _open(self, p: bytes, size: int, mtime_ns: int | None, fresh: bool) -> int | None:
-        """Open p if it is a regular file of the recorded size (and mtime, if given), else None."""
+    def _open(self, p: bytes, size: int, mtime_ns: int, fresh: bool) -> int | None:
+        """Open p if it is a regular file of the recorded size and mtime, else None."""
         try:
             fd = self._reader.open_read(p, fresh)
         except (OSError, UnsafePath):
             return None
         st = os.fstat(fd)
-        if stat.S_ISREG(st.st_mode) and st.st_size == size and mtime_ns in (None, st.st_mtime_ns):
+        if stat.S_ISREG(st.st_mode) and st.st_size == size and st.st_mtime_ns == mtime_ns:
             return fd
         os.close(fd)
         return None
