@@ -55,10 +55,11 @@ async def _bootstrap(base: str, i: int, nblobs: int, log: list[str]) -> None:
         _, _, entries = await c.snapshot()
         files: list[tuple[bytes, bytes]] = []
         n = 0
-        async for path, e in entries:
-            n += 1
-            if e.kind == FILE and e.hash is not None and len(files) < nblobs:
-                files.append((e.hash, path))
+        async for rows in entries:
+            for path, kind, _, _, _, digest, _ in rows:
+                n += 1
+                if kind == FILE and digest is not None and len(files) < nblobs:
+                    files.append((digest, path))
         log.append(f"client {i}: snapshot of {n} entries in {time.monotonic() - t0:.1f} s")
         got = 0
         for k in range(0, len(files), BATCH_MAX_HASHES):

@@ -75,6 +75,53 @@ class Entry:
         return True
 
 
+#: A manifest row as the snapshot carries it: (path, kind, mode, size, mtime_ns, hash, target).
+Row = tuple[bytes, str, int, int, int, "bytes | None", "bytes | None"]
+
+
+def row_to_wire(row: Row) -> list[Any]:
+    """Compact JSON form of a manifest row: [path, kind, mode] plus size, mtime, hash (files) or target (links)."""
+    path, kind, mode, size, mtime, h, target = row
+    if kind == FILE:
+        return [paths.encode(path), kind, mode, size, mtime, h.hex() if h else None]
+    if kind == LINK:
+        return [paths.encode(path), kind, mode, paths.encode(target or b"")]
+    return [paths.encode(path), kind, mode]
+
+
+def row_from_wire(x: Any) -> Row:
+    """Parse and validate a compact row (the same rules as Entry.from_wire; the path is confined)."""
+    if not isinstance(x, list) or len(x) < 3:
+        raise FleetsyncError(f"snapshot row must be a list [path, kind, mode, ...], got {x!r:.200}")
+    path = paths.decode_checked(x[0])
+    kind, mode = x[1], x[2]
+    if kind not in (FILE, DIR, LINK) or not isinstance(mode, int) or not 0 <= mode <= 0o7777:
+        raise FleetsyncError(f"bad row kind/mode: {x!r:.200}")
+    if kind == FILE:
+        if len(x) != 6 or not isinstance(x[3], int) or x[3] < 0 or not isinstance(x[4], int):
+            raise FleetsyncError(f"bad file row: {x!r:.200}")
+        try:
+            hb = bytes.fromhex(x[5])
+        except (TypeError, ValueError):
+            raise FleetsyncError(f"bad hash in row: {x!r:.200}") from None
+        if len(hb) != HASH_LEN:
+            raise FleetsyncError(f"bad hash length in row: {x!r:.200}")
+        return (path, FILE, mode, x[3], x[4], hb, None)
+    if kind == LINK:
+        target = paths.decode(x[3]) if len(x) == 4 else b""
+        if not target or b"\0" in target or len(target) > paths.MAX_PATH:
+            raise FleetsyncError(f"bad symlink target in row: {x!r:.200}")
+        return (path, LINK, mode, 0, 0, None, target)
+    if len(x) != 3:
+        raise FleetsyncError(f"bad directory row: {x!r:.200}")
+    return (path, DIR, mode, 0, 0, None, None)
+
+
+def row_of(path: bytes, e: Entry) -> Row:
+    """The manifest row of (path, entry)."""
+    return (path, e.kind, e.mode, e.size, e.mtime_ns, e.hash, e.target)
+
+
 @dataclass(frozen=True, slots=True)
 class Record:
     """One journal record: at seq, op happened to path (moved from old_path for 'mv')."""

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from fleetsync import paths
-from fleetsync.entry import DELETE, DIR, FILE, LINK, MOVE, PUT, Entry, Record
+from fleetsync.entry import DELETE, DIR, FILE, LINK, MOVE, PUT, Entry, Record, Row
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -227,16 +227,20 @@ class SqliteJournal:
 
     def snapshot(self) -> tuple[int, Iterator[tuple[bytes, Entry]]]:
         """A consistent view on a private connection: (seq, iterator over all entries)."""
+        seq, chunks = self.snapshot_rows()
+        return seq, ((r[0], _entry(r[1:])) for rows in chunks for r in rows)
+
+    def snapshot_rows(self, chunk: int = 2000) -> tuple[int, Iterator[list[Row]]]:
+        """A consistent view on a private connection: (seq, iterator over lists of raw manifest rows)."""
         conn = sqlite3.connect(self.db_path, isolation_level=None, check_same_thread=False)
         conn.execute("BEGIN")
         seq = int((conn.execute("SELECT value FROM meta WHERE key='head'").fetchone() or ("0",))[0])
 
-        def rows() -> Iterator[tuple[bytes, Entry]]:
+        def rows() -> Iterator[list[Row]]:
             try:
                 cur = conn.execute(f"SELECT path, {_ENTRY_COLS} FROM manifest ORDER BY path")
-                while batch := cur.fetchmany(2000):
-                    for r in batch:
-                        yield r[0], _entry(r[1:])
+                while batch := cur.fetchmany(chunk):
+                    yield batch
             finally:
                 conn.execute("COMMIT")
                 conn.close()
@@ -481,11 +485,13 @@ class SnapshotStage:
 
     def add(self, rows: list[tuple[bytes, Entry]]) -> None:
         """Append snapshot entries."""
+        self.add_rows([(p, e.kind, e.mode, e.size, e.mtime_ns, e.hash, e.target) for p, e in rows])
+
+    def add_rows(self, rows: list[Row]) -> None:
+        """Append snapshot rows (path, kind, mode, size, mtime_ns, hash, target)."""
         with self.j._lock:
             self.j.db.execute("BEGIN")
-            self.j.db.executemany(
-                "INSERT OR REPLACE INTO snap VALUES (?,?,?,?,?,?,?)",
-                ((p, e.kind, e.mode, e.size, e.mtime_ns, e.hash, e.target) for p, e in rows))
+            self.j.db.executemany("INSERT OR REPLACE INTO snap VALUES (?,?,?,?,?,?,?)", rows)
             self.j.db.execute("COMMIT")
 
     def iter(self) -> Iterator[tuple[bytes, Entry]]:

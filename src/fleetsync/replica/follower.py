@@ -16,7 +16,7 @@ from typing import Any
 import aiohttp
 
 from fleetsync import paths
-from fleetsync.entry import DELETE, DIR, FILE, LINK, MOVE, PUT, Entry, Record
+from fleetsync.entry import DELETE, DIR, FILE, LINK, MOVE, PUT, Entry, Record, Row
 from fleetsync.errors import FleetsyncError, ResyncNeeded, UnsafePath
 from fleetsync.journal.sqlite import SnapshotStage, SqliteJournal
 from fleetsync.replica.fsops import ConfinedRoot, verify_digest
@@ -205,18 +205,18 @@ class Replica:
         self.fs.flush_trash(strict=False)
         self._cleanup_done()
         t0 = time.monotonic()
-        jid, seq, entries = await self.client.snapshot()
+        jid, seq, chunks = await self.client.snapshot()
         log.info("%s from %s at seq %d", "bootstrapping" if bootstrap else "resyncing", self.upstream, seq)
         stage = SnapshotStage(self.journal)
-        buf: list[tuple[bytes, Entry]] = []
         n = 0
-        async for p, e in entries:
-            buf.append((p, e))
-            if len(buf) >= 5000:
-                stage.add(buf)
+        buf: list[Row] = []
+        async for rows in chunks:
+            buf += rows
+            if len(buf) >= 5000:  # one staging transaction per 5,000 rows
+                stage.add_rows(buf)
                 n += len(buf)
                 buf = []
-        stage.add(buf)
+        stage.add_rows(buf)
         n += len(buf)
         t1 = time.monotonic()
         fresh = bootstrap and self.journal.empty()

@@ -11,13 +11,18 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+from aiohttp.http_exceptions import LineTooLong
 
 from fleetsync import paths
-from fleetsync.entry import Entry, Record
+from fleetsync.entry import Entry, Record, Row, row_from_wire, row_of
 from fleetsync.errors import FleetsyncError, IntegrityError, ResyncNeeded
 from fleetsync.hashing import new_hasher
 from fleetsync.transport.compress import DecodingReader, request_headers
 from fleetsync.transport.wire import API, BATCH_MAX_HASHES, HEADER, OK, STATUS_NAMES
+
+
+#: Longest snapshot line accepted (a rows line holds up to 1000 rows of percent-encoded paths).
+SNAPSHOT_LINE_MAX = 16 << 20
 
 
 @dataclass(slots=True)
@@ -203,31 +208,58 @@ class UpstreamClient:
         if os.lseek(fd, 0, os.SEEK_CUR) != size or h.digest() != digest:
             raise IntegrityError(f"fetching blob {digest.hex()[:12]}… from {self.base}: hash mismatch")
 
-    async def snapshot(self) -> tuple[str, int, AsyncIterator[tuple[bytes, Entry]]]:
-        """Open the manifest snapshot: (journal_id, seq, async iterator of (path, entry))."""
-        resp = await self._session.get(self.base + API + "/snapshot")
+    async def snapshot(self) -> tuple[str, int, AsyncIterator[list[Row]]]:
+        """Open the manifest snapshot: (journal_id, seq, async iterator of lists of validated rows)."""
+        resp = await self._session.get(self.base + API + "/snapshot", params={"format": "rows"})
         await self._check(resp, "snapshot")
-        first = json.loads(await resp.content.readline())
-        jid, seq = str(first["journal_id"]), int(first["seq"])
+        try:
+            first = json.loads(await resp.content.readline())
+            jid, seq = str(first["journal_id"]), int(first["seq"])
+        except (ValueError, KeyError, TypeError) as e:
+            resp.release()
+            raise FleetsyncError(f"{self._where('snapshot')}: bad header: {e}") from None
+        rows_format = first.get("format") == "rows"
 
-        async def entries() -> AsyncIterator[tuple[bytes, Entry]]:
+        async def chunks() -> AsyncIterator[list[Row]]:
             try:
                 count = 0
+                old: list[Row] = []
                 while True:
-                    line = await resp.content.readline()
-                    if not line:
+                    line = await resp.content.readuntil(b"\n", max_size=SNAPSHOT_LINE_MAX)
+                    if not line.endswith(b"\n"):
                         raise FleetsyncError(f"{self._where('snapshot')}: truncated after {count} entries")
-                    d = json.loads(line)
+                    try:
+                        d = json.loads(line)
+                    except ValueError as e:
+                        raise FleetsyncError(f"{self._where('snapshot')}: bad line after {count} entries: {e}") from None
+                    if rows_format and isinstance(d, list):
+                        rows = [row_from_wire(x) for x in d]
+                        count += len(rows)
+                        yield rows
+                        continue
+                    if not isinstance(d, dict):
+                        raise FleetsyncError(f"{self._where('snapshot')}: bad line after {count} entries")
                     if d.get("end"):
+                        if old:
+                            yield old
                         if d.get("count") != count:
-                            raise FleetsyncError(f"{self._where('snapshot')}: count mismatch")
+                            raise FleetsyncError(f"{self._where('snapshot')}: count mismatch "
+                                                 f"({count} entries received, trailer says {d.get('count')})")
                         return
+                    if rows_format:
+                        raise FleetsyncError(f"{self._where('snapshot')}: bad line after {count} entries")
+                    # An upstream without the rows format: one object per entry.
                     count += 1
-                    yield paths.decode_checked(d["p"]), Entry.from_wire(d["e"])
+                    old.append(row_of(paths.decode_checked(d.get("p")), Entry.from_wire(d.get("e"))))
+                    if len(old) >= 1000:
+                        yield old
+                        old = []
+            except LineTooLong as e:
+                raise FleetsyncError(f"{self._where('snapshot')}: line longer than {SNAPSHOT_LINE_MAX} bytes") from e
             finally:
                 resp.release()
 
-        return jid, seq, entries()
+        return jid, seq, chunks()
 
 
 class BlobGone(FleetsyncError):

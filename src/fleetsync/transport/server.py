@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from fleetsync import paths
-from fleetsync.entry import FILE, Entry
+from fleetsync.entry import FILE, Entry, Row, row_to_wire
 from fleetsync.errors import FleetsyncError, UnsafePath
 from fleetsync.hashing import hash_bytes
 from fleetsync.journal.sqlite import SqliteJournal
@@ -35,6 +35,14 @@ from fleetsync.transport.wire import API, BATCH_BLOB_MAX, BATCH_MAX_HASHES, CHAN
 
 if TYPE_CHECKING:
     from fleetsync.index.hot import HotBlobs
+
+
+#: Manifest rows per line of a rows-format snapshot (and per executor step of either format).
+SNAPSHOT_ROWS = 1000
+
+
+def _entry_of(row: Row) -> Entry:
+    return Entry(row[1], row[2], row[3] or 0, row[4] or 0, row[5], row[6])
 
 log = logging.getLogger("fleetsync.server")
 FEED_MAX_LIMIT = 10000
@@ -483,18 +491,25 @@ def build_app(state: ServerState) -> web.Application:
 
     async def snapshot(request: web.Request) -> web.StreamResponse:
         loop = asyncio.get_running_loop()
-        seq, it = await loop.run_in_executor(None, j.snapshot)
+        # format=rows: one JSON array of compact rows per line (see docs/protocol.md); else one
+        # object per entry, for followers from before the rows format.
+        rows_format = request.query.get("format") == "rows"
+        seq, chunks = await loop.run_in_executor(None, lambda: j.snapshot_rows(SNAPSHOT_ROWS))
         resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
         await resp.prepare(request)
-        await resp.write(json.dumps({"journal_id": j.journal_id, "seq": seq}).encode() + b"\n")
+        head: dict[str, Any] = {"journal_id": j.journal_id, "seq": seq}
+        if rows_format:
+            head["format"] = "rows"
+        await resp.write(json.dumps(head).encode() + b"\n")
 
         def chunk() -> tuple[bytes, int]:
-            lines = []
-            for p, e in it:
-                lines.append(json.dumps({"p": paths.encode(p), "e": e.to_wire()}))
-                if len(lines) >= 2000:
-                    break
-            return ("\n".join(lines) + "\n").encode() if lines else b"", len(lines)
+            rows = next(chunks, None)
+            if not rows:
+                return b"", 0
+            if rows_format:
+                return (json.dumps([row_to_wire(r) for r in rows]) + "\n").encode(), len(rows)
+            lines = [json.dumps({"p": paths.encode(r[0]), "e": _entry_of(r).to_wire()}) for r in rows]
+            return ("\n".join(lines) + "\n").encode(), len(rows)
 
         count = 0
         while True:
