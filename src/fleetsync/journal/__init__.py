@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Protocol
 
-from fleetsync.entry import Entry, Record
+from fleetsync.entry import Entry, Record, Row
 
 
 class Journal(Protocol):
@@ -34,6 +34,9 @@ class Journal(Protocol):
 
     def snapshot(self) -> tuple[int, Iterator[tuple[bytes, Entry]]]:
         """A consistent (seq, entries) view of the manifest."""
+
+    def snapshot_rows(self, chunk: int = 2000) -> tuple[int, Iterator[list[Row]]]:
+        """The same view as lists of raw manifest rows (path, kind, mode, size, mtime_ns, hash, target)."""
 
 
 from fleetsync.journal.sqlite import SqliteJournal  # noqa: E402

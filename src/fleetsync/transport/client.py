@@ -223,7 +223,7 @@ class UpstreamClient:
         async def chunks() -> AsyncIterator[list[Row]]:
             try:
                 count = 0
-                old: list[Row] = []
+                pending: list[Row] = []  # per-entry form: rows gathered 1,000 at a time
                 while True:
                     line = await resp.content.readuntil(b"\n", max_size=SNAPSHOT_LINE_MAX)
                     if not line.endswith(b"\n"):
@@ -240,20 +240,20 @@ class UpstreamClient:
                     if not isinstance(d, dict):
                         raise FleetsyncError(f"{self._where('snapshot')}: bad line after {count} entries")
                     if d.get("end"):
-                        if old:
-                            yield old
                         if d.get("count") != count:
                             raise FleetsyncError(f"{self._where('snapshot')}: count mismatch "
                                                  f"({count} entries received, trailer says {d.get('count')})")
+                        if pending:
+                            yield pending
                         return
                     if rows_format:
                         raise FleetsyncError(f"{self._where('snapshot')}: bad line after {count} entries")
                     # An upstream without the rows format: one object per entry.
                     count += 1
-                    old.append(row_of(paths.decode_checked(d.get("p")), Entry.from_wire(d.get("e"))))
-                    if len(old) >= 1000:
-                        yield old
-                        old = []
+                    pending.append(row_of(paths.decode_checked(d.get("p")), Entry.from_wire(d.get("e"))))
+                    if len(pending) >= 1000:
+                        yield pending
+                        pending = []
             except LineTooLong as e:
                 raise FleetsyncError(f"{self._where('snapshot')}: line longer than {SNAPSHOT_LINE_MAX} bytes") from e
             finally:
