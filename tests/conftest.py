@@ -1,14 +1,16 @@
-"""Shared fixtures: a cluster factory that always stops its processes and reports their logs on failure."""
+"""Shared fixtures: a cluster factory that always stops its processes and reports their logs on failure, and a real API server (`origin`)."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from collections.abc import AsyncIterator
 from typing import Any, Iterator
 
 import pytest
 
 from tests.helpers import cluster as cluster_mod
+from tests.helpers.apiserver import ApiServer
 from tests.helpers.cluster import Cluster, ClusterFactory
 
 
@@ -41,6 +43,17 @@ def make_cluster(tmp_path: Path) -> Iterator[ClusterFactory]:
     finally:
         for c in made:
             c.stop()
+
+
+@pytest.fixture
+async def origin(tmp_path: Path) -> AsyncIterator[ApiServer]:
+    """A real API server over tmp_path/origin with an origin's journal (no hash index), stopped at teardown."""
+    srv = ApiServer(tmp_path, content_index=False)
+    await srv.start()
+    try:
+        yield srv
+    finally:
+        await srv.stop()
 
 
 def pytest_report_header(config: pytest.Config) -> str:

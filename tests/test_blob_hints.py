@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -14,16 +13,6 @@ from fleetsync.journal.sqlite import SqliteJournal
 from fleetsync.transport.client import BlobGone, UpstreamClient
 from fleetsync.transport.wire import CHANGED, GONE, OK
 from tests.helpers.apiserver import ApiServer
-
-
-@pytest.fixture
-async def origin(tmp_path: Path) -> AsyncIterator[ApiServer]:
-    o = ApiServer(tmp_path, content_index=False)
-    await o.start()
-    try:
-        yield o
-    finally:
-        await o.stop()
 
 
 def test_origin_journal_has_no_hash_or_inode_index_and_replicas_keep_theirs(tmp_path: Path) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -12,14 +11,6 @@ from fleetsync.hashing import hash_bytes
 from fleetsync.replica.follower import Replica
 from fleetsync.replica.pipeline import RetryLater
 from tests.helpers.apiserver import ApiServer
-
-
-@pytest.fixture
-async def origin(tmp_path: Path) -> AsyncIterator[ApiServer]:
-    srv = ApiServer(tmp_path, content_index=False)
-    await srv.start()
-    yield srv
-    await srv.stop()
 
 
 def _replica(tmp_path: Path, url: str) -> Replica:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -19,14 +18,6 @@ from fleetsync.transport.client import UpstreamClient
 from tests.helpers.apiserver import ApiServer
 
 ODD = ["plain.html", "with space.css", "new\nline", "per%cent", "ünïcode/é.txt", "deep/a/b/c/d.js"]
-
-
-@pytest.fixture
-async def origin(tmp_path: Path) -> AsyncIterator[ApiServer]:
-    srv = ApiServer(tmp_path, content_index=False)
-    await srv.start()
-    yield srv
-    await srv.stop()
 
 
 async def _rows(url: str) -> list[Row]:

@@ -122,6 +122,11 @@ def row_of(path: bytes, e: Entry) -> Row:
     return (path, e.kind, e.mode, e.size, e.mtime_ns, e.hash, e.target)
 
 
+def entry_of(row: Row) -> Entry:
+    """The entry of a manifest row."""
+    return Entry(row[1], row[2], row[3] or 0, row[4] or 0, row[5], row[6])
+
+
 @dataclass(frozen=True, slots=True)
 class Record:
     """One journal record: at seq, op happened to path (moved from old_path for 'mv')."""

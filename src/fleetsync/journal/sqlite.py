@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from fleetsync import paths
-from fleetsync.entry import DELETE, DIR, FILE, LINK, MOVE, PUT, Entry, Record, Row
+from fleetsync.entry import DELETE, DIR, FILE, LINK, MOVE, PUT, Entry, Record, Row, row_of
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -485,7 +485,7 @@ class SnapshotStage:
 
     def add(self, rows: list[tuple[bytes, Entry]]) -> None:
         """Append snapshot entries."""
-        self.add_rows([(p, e.kind, e.mode, e.size, e.mtime_ns, e.hash, e.target) for p, e in rows])
+        self.add_rows([row_of(p, e) for p, e in rows])
 
     def add_rows(self, rows: list[Row]) -> None:
         """Append snapshot rows (path, kind, mode, size, mtime_ns, hash, target)."""

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from fleetsync import paths
-from fleetsync.entry import FILE, Entry, Row, row_to_wire
+from fleetsync.entry import FILE, Entry, entry_of, row_to_wire
 from fleetsync.errors import FleetsyncError, UnsafePath
 from fleetsync.hashing import hash_bytes
 from fleetsync.journal.sqlite import SqliteJournal
@@ -36,15 +36,9 @@ from fleetsync.transport.wire import API, BATCH_BLOB_MAX, BATCH_MAX_HASHES, CHAN
 if TYPE_CHECKING:
     from fleetsync.index.hot import HotBlobs
 
-
+log = logging.getLogger("fleetsync.server")
 #: Manifest rows per line of a rows-format snapshot (and per executor step of either format).
 SNAPSHOT_ROWS = 1000
-
-
-def _entry_of(row: Row) -> Entry:
-    return Entry(row[1], row[2], row[3] or 0, row[4] or 0, row[5], row[6])
-
-log = logging.getLogger("fleetsync.server")
 FEED_MAX_LIMIT = 10000
 FEED_MAX_WAIT = 60.0
 READ_GROUP = 64
@@ -508,7 +502,7 @@ def build_app(state: ServerState) -> web.Application:
                 return b"", 0
             if rows_format:
                 return (json.dumps([row_to_wire(r) for r in rows]) + "\n").encode(), len(rows)
-            lines = [json.dumps({"p": paths.encode(r[0]), "e": _entry_of(r).to_wire()}) for r in rows]
+            lines = [json.dumps({"p": paths.encode(r[0]), "e": entry_of(r).to_wire()}) for r in rows]
             return ("\n".join(lines) + "\n").encode(), len(rows)
 
         count = 0
