@@ -16,14 +16,12 @@ from fleetsync.detect.inotify import InotifyDetector
 from fleetsync.detect.scan import ScanDetector
 from fleetsync.index.hot import HotBlobs
 from fleetsync.index.indexer import Indexer
+from fleetsync.journal import DEFAULT_RETAIN
 from fleetsync.journal.sqlite import SqliteJournal
 from fleetsync.ops import publish
 from fleetsync.transport.server import ServerState, start_server
 
 log = logging.getLogger("fleetsync.origin")
-
-#: Records retained for followers before compaction (older followers resync from a snapshot).
-DEFAULT_RETAIN = 1_000_000
 
 
 class Origin:

@@ -57,4 +57,7 @@ class RateType(click.ParamType):
 RATE = RateType()
 token_option = click.option("--token", envvar="FLEETSYNC_TOKEN", default=None,
                             help="Shared bearer token for the HTTP API (env FLEETSYNC_TOKEN).")
+retain_option = click.option(
+    "--retain", default=1_000_000, show_default=True, type=click.IntRange(1000),
+    help="Journal records kept for followers (of this node); a follower further behind resyncs from a snapshot.")
 verbose_option = click.option("-v", "--verbose", count=True, help="Debug logging.")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from fleetsync.cli.options import LISTEN, token_option, verbose_option
+from fleetsync.cli.options import LISTEN, retain_option, token_option, verbose_option
 
 
 @click.command("origin")
@@ -13,8 +13,7 @@ from fleetsync.cli.options import LISTEN, token_option, verbose_option
 @click.option("--listen", default="127.0.0.1:8470", type=LISTEN, show_default=True, help="HOST:PORT to serve on.")
 @click.option("--settle", default=0.2, show_default=True, type=click.FloatRange(0.0, 60.0),
               help="Seconds a file must be quiet (and closed) before it is recorded.")
-@click.option("--retain", default=1_000_000, show_default=True, type=click.IntRange(1000),
-              help="Journal records kept for followers; older followers resync from a snapshot.")
+@retain_option
 @click.option("--allow-empty-root", is_flag=True, help="Propagate an empty root (normally a pause: invariant 6).")
 @click.option("--ignore", multiple=True, help="Extra upload temp-name pattern to ignore (repeatable).")
 @click.option("--detector", type=click.Choice(["auto", "fanotify", "inotify", "scan"]), default="auto",

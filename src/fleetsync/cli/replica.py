@@ -8,7 +8,7 @@ import socket
 
 import click
 
-from fleetsync.cli.options import LISTEN, RATE, token_option, verbose_option
+from fleetsync.cli.options import LISTEN, RATE, retain_option, token_option, verbose_option
 
 
 @click.command("replica")
@@ -21,10 +21,11 @@ from fleetsync.cli.options import LISTEN, RATE, token_option, verbose_option
               help="Limit content transfer from the upstream to RATE bytes/s, e.g. 500K or 10M (K/M/G = 1024^n).")
 @click.option("--compress", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
               help="zstd on blob streams: auto = on unless the upstream is a loopback address.")
+@retain_option
 @token_option
 @verbose_option
 def command(root: str, state: str, upstream: str, replica_id: str | None, listen: tuple[str, int] | None,
-            bwlimit: float | None, compress: str, token: str | None, verbose: int) -> None:
+            bwlimit: float | None, compress: str, retain: int, token: str | None, verbose: int) -> None:
     """Keep ROOT identical to the upstream's tree."""
     from fleetsync.cli import setup_logging
     from fleetsync.replica.run import run_replica
@@ -35,4 +36,5 @@ def command(root: str, state: str, upstream: str, replica_id: str | None, listen
     if replica_id is None:
         digest = hashlib.sha1(os.path.abspath(state).encode()).hexdigest()[:6]
         replica_id = f"{socket.gethostname()}-{digest}"
-    run_replica(root, state, upstream, replica_id, listen, token=token, bwlimit=bwlimit, compress=compress)
+    run_replica(root, state, upstream, replica_id, listen, token=token, bwlimit=bwlimit, compress=compress,
+                retain=retain)

@@ -11,6 +11,9 @@ from typing import Protocol
 
 from fleetsync.entry import Entry, Record, Row
 
+#: Records an origin or a relaying replica keeps for its followers; older followers resync from a snapshot.
+DEFAULT_RETAIN = 1_000_000
+
 
 class Journal(Protocol):
     """Sequenced change log plus manifest (path -> Entry)."""
@@ -32,6 +35,9 @@ class Journal(Protocol):
     def paths_with_hash(self, digest: bytes, limit: int = 4) -> list[bytes]:
         """Some manifest paths whose file content has this hash."""
 
+    def compact(self, keep: int) -> int:
+        """Drop records older than the newest `keep`; returns how many were dropped."""
+
     def snapshot(self) -> tuple[int, Iterator[tuple[bytes, Entry]]]:
         """A consistent (seq, entries) view of the manifest."""
 
@@ -41,4 +47,4 @@ class Journal(Protocol):
 
 from fleetsync.journal.sqlite import SqliteJournal  # noqa: E402
 
-__all__ = ["Journal", "SqliteJournal"]
+__all__ = ["DEFAULT_RETAIN", "Journal", "SqliteJournal"]

@@ -18,6 +18,7 @@ import aiohttp
 from fleetsync import paths
 from fleetsync.entry import DELETE, DIR, FILE, LINK, MOVE, PUT, Entry, Record, Row
 from fleetsync.errors import FleetsyncError, ResyncNeeded, UnsafePath
+from fleetsync.journal import DEFAULT_RETAIN
 from fleetsync.journal.sqlite import SnapshotStage, SqliteJournal
 from fleetsync.replica.fsops import ConfinedRoot, verify_digest
 from fleetsync.replica.pipeline import BlobPipeline, RetryLater
@@ -39,6 +40,8 @@ BOOTSTRAP_CONCURRENCY = 2
 RESUME_TRIES = 8
 #: Seconds without a new feed page after which the old versions of applied files are unlinked.
 CLEANUP_IDLE = 0.2
+#: Applied records beyond `retain` that may pile up before one compaction drops them all.
+RETAIN_SLACK = 1000
 
 
 @dataclass
@@ -98,7 +101,12 @@ class Replica:
 
     def __init__(self, root: str, state_dir: str, upstream: str, replica_id: str, *,
                  token: str | None = None, poll_wait: float = 20.0, bwlimit: float | None = None,
-                 compress: str = "auto") -> None:
+                 compress: str = "auto", retain: int = DEFAULT_RETAIN) -> None:
+        """Open (or create) the replica's state; nothing is fetched before run().
+
+        retain: applied records kept for this replica's own followers when it relays (a follower
+        further behind resyncs from a snapshot); older ones are compacted.
+        """
         self.fs = ConfinedRoot(root)
         self.journal = SqliteJournal(os.path.join(state_dir, "replica.db"), durable=False)
         self.client = UpstreamClient(upstream, replica_id=replica_id, token=token, bwlimit=bwlimit,
@@ -108,6 +116,7 @@ class Replica:
         self.upstream = upstream
         self.id = replica_id
         self.poll_wait = poll_wait
+        self.retain = retain
         self.stats = Stats()
         self.last_error: str | None = None
         self.last_contact: float = 0.0
@@ -508,11 +517,19 @@ class Replica:
                       (time.monotonic() - t_sync) * 1e3)
         if self.fs.cleanup_due:
             self.fs.start_cleanup()
+        self._compact()
         self.stats.batches += 1
         self.stats.records += len(recs)
         for cb in self.on_applied:
             cb()
         return len(recs)
+
+    def _compact(self) -> None:
+        """Drop applied records beyond `retain`, once RETAIN_SLACK of them have piled up."""
+        j = self.journal
+        if j.head() - j.min_seq() + 1 >= self.retain + RETAIN_SLACK:
+            n = j.compact(self.retain)
+            log.debug("replica %s: compacted %d records (kept from seq %d)", self.id, n, j.min_seq())
 
     def _cleanup_done(self) -> None:
         """Report an error of a finished background cleanup, once."""
