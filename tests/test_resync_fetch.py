@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -62,3 +63,57 @@ async def test_changed_content_is_retried_not_written(origin: ApiServer, tmp_pat
     finally:
         await rep.close()
     assert not (tmp_path / "replica" / "a" / "two").exists()
+
+
+@pytest.mark.parametrize("fail", [False, True])
+async def test_background_flush_during_a_resync(origin: ApiServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                fail: bool) -> None:
+    """While content is written the filesystem is flushed on a thread; none runs after resync returns.
+
+    A failing background flush only logs: the final flush (on the loop) is the one that counts.
+    """
+    import threading
+    import time
+
+    from fleetsync.replica import follower
+
+    monkeypatch.setattr(follower, "BACKGROUND_FLUSH", 0.01)
+    for i in range(20):
+        origin.put(f"d{i % 3}/f{i}.css", b"x" * (i + 1))
+    rep = _replica(tmp_path, origin.url)
+    main = threading.current_thread()
+    calls: list[bool] = []
+    inflight = 0
+    real_sync = rep.fs.sync
+
+    def sync() -> None:
+        nonlocal inflight
+        background = threading.current_thread() is not main
+        inflight += 1
+        try:
+            time.sleep(0.1 if background else 0.0)  # a slow flush in progress when the walk ends
+            calls.append(background)
+            if fail and background:
+                raise OSError(5, "syncfs: Input/output error")
+            real_sync()
+        finally:
+            inflight -= 1
+
+    real_fetch = rep._fetch_and_write
+
+    async def slow_fetch(items: list[tuple[bytes, Entry]]) -> None:
+        await asyncio.sleep(0.1)  # content arriving slowly: long enough for background flushes
+        await real_fetch(items)
+
+    monkeypatch.setattr(rep.fs, "sync", sync)
+    monkeypatch.setattr(rep, "_fetch_and_write", slow_fetch)
+    try:
+        await rep.resync(bootstrap=True)
+        assert inflight == 0
+        assert True in calls and calls[-1] is False  # flushed in the background, then once at the end
+        n = len(calls)
+        await asyncio.sleep(0.1)
+        assert len(calls) == n  # stopped
+    finally:
+        await rep.close()
+    assert rep.journal.head() == 20 and (tmp_path / "replica" / "d1" / "f19.css").read_bytes() == b"x" * 20

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import random
@@ -40,6 +41,9 @@ BOOTSTRAP_CONCURRENCY = 2
 RESUME_TRIES = 8
 #: Seconds without a new feed page after which the old versions of applied files are unlinked.
 CLEANUP_IDLE = 0.2
+#: Seconds between background flushes of the filesystem while a bootstrap or resync writes content,
+#: so that the disk writes while the CPU fetches and the final flush has only the tail left.
+BACKGROUND_FLUSH = 0.5
 #: Applied records beyond `retain` that may pile up before one compaction drops them all.
 RETAIN_SLACK = 1000
 
@@ -94,6 +98,41 @@ class _Concurrent:
             except BaseException:  # noqa: BLE001 - the first error was already raised
                 pass
         self.tasks.clear()
+
+
+class _BackgroundFlush:
+    """Flushes a root's filesystem on a thread every `interval` s until stopped (errors: the final flush's)."""
+
+    def __init__(self, fs: ConfinedRoot, interval: float) -> None:
+        self.fs = fs
+        self.interval = interval
+        self._task: asyncio.Task[None] | None = None
+        self._running: asyncio.Future[None] | None = None
+
+    def start(self) -> None:
+        """Begin flushing in the background."""
+        if self.interval > 0:
+            self._task = asyncio.create_task(self._loop())
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.interval)
+            self._running = loop.run_in_executor(None, self.fs.sync)
+            try:
+                await asyncio.shield(self._running)
+            except OSError as e:
+                log.debug("background flush: %s", e)
+
+    async def stop(self) -> None:
+        """Stop, after a flush in progress has returned (the root's descriptor stays in use until then)."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._running is not None:
+            with contextlib.suppress(OSError):
+                await self._running
 
 
 class Replica:
@@ -240,11 +279,14 @@ class Replica:
                 if not keep.ignored(p) and not stage.contains(p):
                     extras.append(p)
         batches = _Concurrent(BOOTSTRAP_CONCURRENCY)
+        flusher = _BackgroundFlush(self.fs, BACKGROUND_FLUSH)
+        flusher.start()
         try:
             await self._resync_walk(stage, fresh, batches, look=not fresh or found)
             await batches.drain()
         finally:
             await batches.cancel()
+            await flusher.stop()
         # Deletions last, after the new content is in place.
         if not fresh:
             extras = stage.manifest_extras()
