@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from fleetsync.entry import DELETE, DIR, FILE, MOVE, PUT, Entry, Record
+from fleetsync.entry import DELETE, DIR, FILE, LINK, MOVE, PUT, Entry, Record
 from fleetsync.journal.sqlite import Change, SnapshotStage, SqliteJournal
 
 
@@ -119,3 +119,27 @@ def test_get_many_with_local_matches_point_lookups(tmp_path) -> None:
     assert set(got) == {p for p in want if j.get(p) is not None}
     for p, (e, _local) in got.items():
         assert e == j.get(p)
+
+
+def test_install_replaces_the_manifest_keeps_the_index_and_spares_open_readers(tmp_path) -> None:
+    """A resync's install swaps the staged table in: hash index rebuilt, count exact, reopenable;
+    a relay's snapshot stream opened before it still reads the old manifest to the end."""
+    r = SqliteJournal(str(tmp_path / "r.db"), durable=False)
+    stage = SnapshotStage(r, 10)
+    stage.add([(b"a", f(1)), (b"d", Entry(DIR, 0o755)), (b"d/x", f(2))])
+    stage.install(10, "j1")
+    old_seq, reader = r.snapshot_rows(chunk=1)
+    first = next(reader)
+    stage = SnapshotStage(r, 20)
+    stage.add([(b"a", f(3)), (b"b", f(3)), (b"z", Entry(LINK, 0o777, target=b"a"))])
+    stage.install(20, "j1")
+    assert old_seq == 10 and [row[0] for chunk in [first, *reader] for row in chunk] == [b"a", b"d", b"d/x"]
+    assert r.count() == 3 and r.head() == 20 and r.min_seq() == 21
+    assert r.get(b"d/x") is None and r.get(b"b") == f(3) and r.get(b"z") == Entry(LINK, 0o777, target=b"a")
+    assert sorted(r.paths_with_hash(f(3).hash)) == [b"a", b"b"] and r.paths_with_hash(f(2).hash) == []
+    assert r.db.execute("SELECT name FROM sqlite_master WHERE type='index' AND name='manifest_hash'").fetchone()
+    r.apply_records([Record(21, PUT, b"c", f(4))])
+    r.close()
+    r2 = SqliteJournal(str(tmp_path / "r.db"), durable=False)
+    assert r2.count() == 4 and r2.head() == 21 and r2.paths_with_hash(f(4).hash) == [b"c"]
+    assert [p for p, _ in r2.snapshot()[1]] == [b"a", b"b", b"c", b"z"]

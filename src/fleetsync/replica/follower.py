@@ -255,7 +255,7 @@ class Replica:
         t0 = time.monotonic()
         jid, seq, chunks = await self.client.snapshot()
         log.info("%s from %s at seq %d", "bootstrapping" if bootstrap else "resyncing", self.upstream, seq)
-        stage = SnapshotStage(self.journal)
+        stage = SnapshotStage(self.journal, seq)
         n = 0
         buf: list[Row] = []
         async for rows in chunks:
