@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from fleetsync.entry import DELETE, DIR, FILE, LINK, MOVE, PUT, Entry, Record
-from fleetsync.journal.sqlite import Change, SnapshotStage, SqliteJournal
+from fleetsync.journal.sqlite import CACHE_KIB, Change, SnapshotStage, SqliteJournal
 
 
 def f(h: int, size: int = 3) -> Entry:
@@ -138,6 +138,7 @@ def test_install_replaces_the_manifest_keeps_the_index_and_spares_open_readers(t
     assert r.get(b"d/x") is None and r.get(b"b") == f(3) and r.get(b"z") == Entry(LINK, 0o777, target=b"a")
     assert sorted(r.paths_with_hash(f(3).hash)) == [b"a", b"b"] and r.paths_with_hash(f(2).hash) == []
     assert r.db.execute("SELECT name FROM sqlite_master WHERE type='index' AND name='manifest_hash'").fetchone()
+    assert r.db.execute("PRAGMA cache_size").fetchone()[0] == -CACHE_KIB  # the install's smaller cache is undone
     r.apply_records([Record(21, PUT, b"c", f(4))])
     r.close()
     r2 = SqliteJournal(str(tmp_path / "r.db"), durable=False)

@@ -28,6 +28,11 @@ CREATE TABLE IF NOT EXISTS manifest (
 CONTENT_INDEX = "CREATE INDEX IF NOT EXISTS manifest_hash ON manifest(hash) WHERE hash IS NOT NULL"
 
 _ENTRY_COLS = "kind, mode, size, mtime, hash, target"
+#: Page cache of a journal connection (KiB).
+CACHE_KIB = 20000
+#: Page cache while a snapshot is installed: it also bounds the sorter that builds the hash index
+#: (with the full cache it held 20 MB more at 1M entries, enough to push a replica past 100 MB).
+INSTALL_CACHE_KIB = 4000
 
 
 def _entry(row: tuple) -> Entry:
@@ -79,7 +84,7 @@ class SqliteJournal:
         self.db = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
-        self.db.execute("PRAGMA cache_size=-20000")
+        self.db.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
         self.db.executescript(SCHEMA)
         self._lock = threading.RLock()
         if content_index is not None or self.meta("content_index") is None:
@@ -523,10 +528,11 @@ class SnapshotStage:
         """Make the snapshot the manifest at seq (records before it are gone).
 
         The staging table is renamed into place and the hash index built once, sorted, instead of
-        copying every row into the old table (0.3 s -> 0.1 s at 100k entries).
+        copying every row into the old table (100k entries: 0.3 -> 0.1 s; 1M: 6.8 -> 1.2 s).
         """
         j = self.j
         with j._lock:
+            j.db.execute(f"PRAGMA cache_size=-{INSTALL_CACHE_KIB}")
             j.db.execute("BEGIN IMMEDIATE")
             try:
                 j.db.execute("DELETE FROM records")
@@ -544,6 +550,8 @@ class SnapshotStage:
             except BaseException:
                 j._rollback()
                 raise
+            finally:
+                j.db.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
         j._count = n
         j.journal_id = journal_id
 
