@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from fleetsync.journal import DEFAULT_RETAIN
 from fleetsync.transport.server import parse_listen
 
 
@@ -58,6 +59,6 @@ RATE = RateType()
 token_option = click.option("--token", envvar="FLEETSYNC_TOKEN", default=None,
                             help="Shared bearer token for the HTTP API (env FLEETSYNC_TOKEN).")
 retain_option = click.option(
-    "--retain", default=1_000_000, show_default=True, type=click.IntRange(1000),
+    "--retain", default=DEFAULT_RETAIN, show_default=True, type=click.IntRange(1000),
     help="Journal records kept for followers (of this node); a follower further behind resyncs from a snapshot.")
 verbose_option = click.option("-v", "--verbose", count=True, help="Debug logging.")
