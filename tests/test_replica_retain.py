@@ -15,12 +15,7 @@ from fleetsync.replica import follower
 from fleetsync.replica.follower import Replica
 from fleetsync.transport.server import ServerState, build_app
 from tests.helpers import tree
-from tests.helpers.apiserver import ApiServer
-
-
-def _replica(base: Path, name: str, url: str, **kw: object) -> Replica:
-    (base / f"{name}-state").mkdir(exist_ok=True)
-    return Replica(str(base / name), str(base / f"{name}-state"), url, name, poll_wait=0.2, **kw)  # type: ignore[arg-type]
+from tests.helpers.apiserver import ApiServer, replica_in
 
 
 async def _follow_until(rep: Replica, head: int, timeout: float = 30.0) -> None:
@@ -44,7 +39,7 @@ async def test_relay_compacts_and_a_follower_behind_it_resyncs(origin: ApiServer
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(follower, "RETAIN_SLACK", 5)
     origin.put("first.css", b"a{}")
-    relay = _replica(tmp_path, "relay", origin.url, retain=10)
+    relay = replica_in(tmp_path, origin.url, "relay", poll_wait=0.2, retain=10)
     srv = ServerState(relay.journal, str(tmp_path / "relay"), role="replica")
     relay.on_applied.append(srv.notify)
     runner = web.AppRunner(build_app(srv), access_log=None)
@@ -52,7 +47,7 @@ async def test_relay_compacts_and_a_follower_behind_it_resyncs(origin: ApiServer
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     relay_url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
-    first = _replica(tmp_path, "down", relay_url)
+    first = replica_in(tmp_path, relay_url, "down", poll_wait=0.2)
     down: Replica | None = None
     try:
         await _follow_until(relay, 1)
@@ -73,7 +68,7 @@ async def test_relay_compacts_and_a_follower_behind_it_resyncs(origin: ApiServer
             async with s.get(f"{relay_url}/v1/feed", params={"after": str(j.min_seq() - 1), "wait": "0"}) as resp:
                 assert resp.status == 200 and len((await resp.json())["records"]) == 41 - j.min_seq() + 1
         # The follower that was at seq 1 comes back: told it is behind, it resyncs from a snapshot.
-        down = _replica(tmp_path, "down", relay_url)
+        down = replica_in(tmp_path, relay_url, "down", poll_wait=0.2)
         await _follow_until(down, 41)
         assert down.stats.bootstraps == 1
         want = tree.snapshot(origin.root)
@@ -88,7 +83,7 @@ async def test_relay_compacts_and_a_follower_behind_it_resyncs(origin: ApiServer
 
 async def test_default_retain_keeps_every_record(origin: ApiServer, tmp_path: Path) -> None:
     origin.put("a", b"1")
-    rep = _replica(tmp_path, "r", origin.url)
+    rep = replica_in(tmp_path, origin.url, "r", poll_wait=0.2)
     try:
         await _follow_until(rep, 1)
         for i in range(30):

@@ -9,14 +9,8 @@ import pytest
 
 from fleetsync.entry import Entry
 from fleetsync.hashing import hash_bytes
-from fleetsync.replica.follower import Replica
 from fleetsync.replica.pipeline import RetryLater
-from tests.helpers.apiserver import ApiServer
-
-
-def _replica(tmp_path: Path, url: str) -> Replica:
-    (tmp_path / "state").mkdir(exist_ok=True)
-    return Replica(str(tmp_path / "replica"), str(tmp_path / "state"), url, "t")
+from tests.helpers.apiserver import ApiServer, replica_in
 
 
 async def test_duplicates_gone_and_large_content(origin: ApiServer, tmp_path: Path) -> None:
@@ -31,7 +25,7 @@ async def test_duplicates_gone_and_large_content(origin: ApiServer, tmp_path: Pa
     # Later versions superseded two of them at the origin (the snapshot being applied is older):
     origin.put("c/dup1", b"newer")  # the path the blob is asked for first: gone there…
     origin.put("d/gone", b"newer")
-    rep = _replica(tmp_path, origin.url)
+    rep = replica_in(tmp_path, origin.url, rid="t")
     try:
         await rep._fetch_and_write(items)
     finally:
@@ -56,7 +50,7 @@ async def test_changed_content_is_retried_not_written(origin: ApiServer, tmp_pat
         (origin.root / "a" / "two").write_bytes(b"TWO")  # same size, other bytes
     else:
         (origin.root / "a" / "two").unlink()
-    rep = _replica(tmp_path, origin.url)
+    rep = replica_in(tmp_path, origin.url, rid="t")
     try:
         with pytest.raises(RetryLater, match="changed at"):
             await rep._fetch_and_write(items)
@@ -80,7 +74,7 @@ async def test_background_flush_during_a_resync(origin: ApiServer, tmp_path: Pat
     monkeypatch.setattr(follower, "BACKGROUND_FLUSH", 0.01)
     for i in range(20):
         origin.put(f"d{i % 3}/f{i}.css", b"x" * (i + 1))
-    rep = _replica(tmp_path, origin.url)
+    rep = replica_in(tmp_path, origin.url, rid="t")
     main = threading.current_thread()
     calls: list[bool] = []
     inflight = 0

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
 from fleetsync.entry import FILE, PUT, Entry, Record
 from fleetsync.hashing import hash_bytes
 from fleetsync.journal.sqlite import SqliteJournal
+from fleetsync.replica.follower import Replica
 from fleetsync.transport.server import ServerState, build_app
 
 
@@ -56,3 +58,9 @@ class ApiServer:
         """Content bytes the server counted for follower rid."""
         f = self.state.followers.get(rid)
         return f.bytes_sent if f else 0
+
+
+def replica_in(base: Path, url: str, name: str = "replica", rid: str | None = None, **kw: Any) -> Replica:
+    """A Replica of url with its root at base/name and its state at base/<name>-state (id: rid or name)."""
+    (base / f"{name}-state").mkdir(exist_ok=True)
+    return Replica(str(base / name), str(base / f"{name}-state"), url, rid or name, **kw)
