@@ -105,6 +105,7 @@ class Origin:
                          "fallbacks": getattr(self.detector, "fallback_rescans", 0)},
                 "hot_blobs": {"items": len(self.hot), "bytes": self.hot.nbytes, "hits": self.hot.hits,
                               "misses": self.hot.misses},
+                "prehash": {"hashed": self.indexer.prehashed, "used": self.indexer.prehash_used},
                 "uptime": round(time.time() - self.started, 1)}
 
     def stop(self) -> None:
@@ -143,6 +144,7 @@ class Origin:
             await asyncio.gather(*tasks, return_exceptions=True)
             await runner.cleanup()
             self.detector.close()
+            self.indexer.close()
             if self.fallback_scan is not None:
                 self.fallback_scan.close()
             self.journal.close()

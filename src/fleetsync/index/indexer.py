@@ -4,6 +4,12 @@ Every journal write on the origin goes through `Indexer.process_ready`, one batc
 records are ordered exactly as the indexer observed the tree. Hints are never trusted: a path is
 lstat'ed (confined, no symlink following) and hashed when its size/mtime/inode/ctime changed; a
 result is dropped if a new event for the path arrived while it was being hashed.
+
+A small file whose writer closed it is hashed at once, on a thread of its own, while its settle
+window runs (the "pre-hash"). When the window ends and lstat still shows exactly what was hashed
+(inode, size, mtime, ctime) with no event for the path since, that digest is used: the batch's
+observation is then an lstat per path, and the reading and hashing happened while the origin
+had nothing else to do (the replicas wait for the batch's commit).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import signal
 import stat
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterator, Set as AbstractSet
 from dataclasses import dataclass
 
@@ -24,7 +31,7 @@ from fleetsync import paths
 from fleetsync.entry import DELETE, DIR, FILE, LINK, MOVE, PUT, Entry, entry_from_stat, kind_of
 from fleetsync.errors import RootVanished
 from fleetsync.hashing import hash_fd_keep
-from fleetsync.index.hot import HotBlobs
+from fleetsync.index.hot import HOT_ITEM_MAX, HotBlobs
 from fleetsync.journal.sqlite import Change, LocalStat, SqliteJournal
 from fleetsync.replica.fsops import ConfinedRoot
 
@@ -39,6 +46,10 @@ VANISHED_MAX = 20000
 _LEASE_SIGNAL = signal.SIGURG
 #: Directory moves remembered for the hints of running rescans (each hint is checked against all).
 SCAN_MOVES_MAX = 256
+#: Pre-hashes queued or running at most (past it, a closed file is hashed when it settles).
+PREHASH_QUEUE = 4096
+#: Content bytes pre-hashes hold for the hot cache until their batch (past it, the digest only).
+PREHASH_KEEP = 8 << 20
 
 
 @dataclass(slots=True)
@@ -51,6 +62,23 @@ class Pending:
     removed: bool = False
     #: Hinted by a walk only (no event): its content is not kept for replicas (see HotBlobs).
     walked: bool = False
+    #: Which hint this is: a pre-hash applies only to the hint it was started for.
+    gen: int = 0
+    #: The content as hashed right after the writer closed the file (None: not pre-hashed).
+    pre: "_Pre | None" = None
+
+
+@dataclass(slots=True)
+class _Pre:
+    """A pre-hash: the file's stat identity when hashed, its digest and (small files) its content."""
+
+    key: tuple[int, int, int, int]
+    digest: bytes
+    data: bytes | None
+
+
+def _key(st: os.stat_result) -> tuple[int, int, int, int]:
+    return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 @dataclass(slots=True)
@@ -145,6 +173,14 @@ class Indexer:
         self.scan_differ = 0
         #: Rescan walks started (start-up reconcile, overflows, directories that arrived, fallbacks).
         self.walks = 0
+        self._gen = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pre_pool: ThreadPoolExecutor | None = None
+        self._pre_queued = 0
+        self._pre_bytes = 0
+        #: Files pre-hashed, and how many of those digests a batch used.
+        self.prehashed = 0
+        self.prehash_used = 0
 
     # -- HintSink --------------------------------------------------------------------------------
     def changed(self, path: bytes, *, writing: bool = False, closed: bool = False) -> None:
@@ -152,18 +188,99 @@ class Indexer:
         if self.ignore.ignored(path):
             return
         now = time.monotonic()
+        self._gen += 1
         p = self.pending.get(path)
         if p is None:
-            self.pending[path] = Pending(now + self.settle, writing and not closed, now)
+            p = self.pending[path] = Pending(now + self.settle, writing and not closed, now, gen=self._gen)
         else:
             p.deadline = now + self.settle
             p.removed = False
             p.walked = False
+            p.gen = self._gen
+            self._drop_pre(p)
             if closed:
                 p.writing = False
             elif writing:
                 p.writing = True
+        if closed and not p.writing and self.close_events:
+            self._prehash(path, p.gen)
         self._wake.set()
+
+    # -- pre-hash --------------------------------------------------------------------------------
+    def _drop_pre(self, p: Pending) -> None:
+        if p.pre is not None:
+            if p.pre.data is not None:
+                self._pre_bytes -= len(p.pre.data)
+            p.pre = None
+
+    def _prehash(self, path: bytes, gen: int) -> None:
+        """Hash a file its writer just closed on the pre-hash thread (if the queue has room)."""
+        loop = self._loop
+        if loop is None or self._pre_queued >= PREHASH_QUEUE:
+            return
+        if self._pre_pool is None:
+            self._pre_pool = ThreadPoolExecutor(1, thread_name_prefix="fleetsync-prehash")
+        self._pre_queued += 1
+
+        def job() -> None:
+            try:
+                pre = self._prehash_one(path, gen)
+            except Exception:  # noqa: BLE001 - only an optimisation: the batch hashes the file
+                log.debug("pre-hash of %r failed", path, exc_info=True)
+                pre = None
+            loop.call_soon_threadsafe(self._prehashed, path, gen, pre)
+
+        try:
+            self._pre_pool.submit(job)
+        except RuntimeError:  # shut down
+            self._pre_queued -= 1
+
+    def _prehash_one(self, path: bytes, gen: int) -> _Pre | None:
+        """Read and hash path now if it is still this hint's, small, and no writer holds it (a worker thread)."""
+        p = self.pending.get(path)
+        if p is None or p.gen != gen:
+            return None  # touched again, or taken by a batch meanwhile
+        item_max = self.hot.item_max if self.hot is not None else HOT_ITEM_MAX
+        st = self.fs.lstat(path)
+        if st is None or not stat.S_ISREG(st.st_mode) or st.st_size > item_max:
+            return None
+        try:
+            fd = self.fs.open_read(path)
+        except OSError:
+            return None
+        try:
+            keep = item_max if self.hot is not None and self._pre_bytes < PREHASH_KEEP else -1
+            digest, n, data = hash_fd_keep(fd, keep, st.st_size)
+            if open_for_write(fd):
+                return None  # another writer has it open: the batch looks again
+            st2 = os.fstat(fd)
+        finally:
+            os.close(fd)
+        if n != st.st_size or _key(st2) != _key(st):
+            return None
+        return _Pre(_key(st), digest, data)
+
+    def _prehashed(self, path: bytes, gen: int, pre: _Pre | None) -> None:
+        """On the loop: attach a pre-hash to its hint, unless the hint changed or was taken since."""
+        self._pre_queued -= 1
+        if pre is None:
+            return
+        self.prehashed += 1
+        p = self.pending.get(path)
+        if p is None or p.gen != gen:
+            return
+        if pre.data is not None:
+            if self._pre_bytes + len(pre.data) > PREHASH_KEEP:
+                pre.data = None
+            else:
+                self._pre_bytes += len(pre.data)
+        self._drop_pre(p)
+        p.pre = pre
+
+    def close(self) -> None:
+        """Stop the pre-hash thread (queued pre-hashes are dropped)."""
+        if self._pre_pool is not None:
+            self._pre_pool.shutdown(wait=True, cancel_futures=True)
 
     def removed(self, path: bytes) -> None:
         """A path may be gone."""
@@ -173,8 +290,11 @@ class Indexer:
         cur = self.pending.get(path)
         if cur is not None and cur.removed:
             return  # already waiting to verify this removal; a repeat is not new activity
+        if cur is not None:
+            self._drop_pre(cur)
         # Same settle as changes, so a rename seen as delete + create lands in one batch (inode match).
-        self.pending[path] = Pending(now + self.settle, False, now, removed=True)
+        self._gen += 1
+        self.pending[path] = Pending(now + self.settle, False, now, removed=True, gen=self._gen)
         self._wake.set()
 
     def moved(self, old: bytes, new: bytes, is_dir: bool) -> None:
@@ -389,6 +509,7 @@ class Indexer:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Process settled hints until stop is set."""
+        self._loop = asyncio.get_running_loop()
         while not stop.is_set():
             self._wake.clear()
             try:
@@ -505,11 +626,20 @@ class Indexer:
             for p in walks:
                 self.rescan(p)
         walked = {p for p in ready if self.pending[p].walked}
+        due = max((self.pending[p].deadline for p in ready), default=now)
+        pre: dict[bytes, _Pre] = {}
         for p in ready:
-            del self.pending[p]
+            h = self.pending.pop(p)
+            if h.pre is not None:
+                pre[p] = h.pre
+        if not self.pending:
+            self._pre_bytes = 0  # (every pre-hash held is in `pre` now)
+        else:
+            self._pre_bytes -= sum(len(x.data) for x in pre.values() if x.data is not None)
         self._inflight = len(ready)
         self._flight = ready
         walks0, walking0 = self.walks, bool(self._walks)
+        t_obs = t_changes = now
         try:
             loop = asyncio.get_running_loop()
             ready.sort()
@@ -526,7 +656,9 @@ class Indexer:
             self._flight_dirs = {p for p in ready if (e := fetched.get(p)) is not None and e.kind == DIR}
             # Content a walk found (an initial index, a reconcile) is not kept for replicas: nobody
             # waits for it right now, and a large tree's would only churn the cache.
-            obs = await loop.run_in_executor(None, self._observe, ready, known, walked)
+            t_obs = time.monotonic()
+            obs = await loop.run_in_executor(None, self._observe, ready, known, walked, pre)
+            t_changes = time.monotonic()
             # Anything touched again while we were hashing is not settled: drop the result, keep the hint.
             self.drain()
             obs = [o for o in obs if o.path not in self.pending]
@@ -536,7 +668,14 @@ class Indexer:
                 changes = self._changes(obs, known)
             finally:
                 self._fetched = {}
+            t_commit = time.monotonic()
             self._commit(changes)
+            if log.isEnabledFor(logging.DEBUG):
+                t_end = time.monotonic()
+                log.debug("batch: %d ready (the last due %.1f ms before), %d changes; read manifest "
+                          "%.1f ms, observe %.1f ms, records %.1f ms, commit %.1f ms", len(ready),
+                          (now - due) * 1e3, len(changes), (t_obs - now) * 1e3, (t_changes - t_obs) * 1e3,
+                          (t_commit - t_changes) * 1e3, (t_end - t_commit) * 1e3)
             if walking0 or self._walks or self.walks != walks0:
                 # A rescan walk ran while this batch was observed and committed. It may have listed
                 # a path after the batch looked at it (removed or changed since, the event lost in
@@ -605,11 +744,13 @@ class Indexer:
             self.on_commit(len(recs))
 
     def _observe(self, ready: list[bytes], known: dict[bytes, tuple[Entry, LocalStat | None]],
-                 walked: AbstractSet[bytes] = frozenset()) -> list[_Obs]:
+                 walked: AbstractSet[bytes] = frozenset(), pre: dict[bytes, _Pre] | None = None) -> list[_Obs]:
         """lstat (and hash where needed) each ready path against its manifest row; runs in a worker thread.
 
-        Content hashed for paths not in `walked` is kept in the hot cache for the replicas.
+        Content hashed for paths not in `walked` is kept in the hot cache for the replicas. A
+        pre-hash in `pre` stands for reading the file when lstat shows the identity it was taken with.
         """
+        pre = pre or {}
         out: list[_Obs] = []
         for p in ready:
             st = self.fs.lstat(p)
@@ -639,6 +780,17 @@ class Indexer:
             age = time.time() - st.st_mtime_ns / 1e9
             if 0 <= age < self.settle:
                 o.unstable = True  # modified less than a settle window ago: not quiet yet
+                continue
+            pr = pre.get(p)
+            if pr is not None and pr.key == _key(st):
+                # Hashed after its writer closed it, not written since (a write would have sent an
+                # event, which makes a new hint without this pre-hash): the same content.
+                o.entry = entry_from_stat(st, hash_=pr.digest)
+                o.hashed = True
+                o.busy = False
+                self.prehash_used += 1
+                if pr.data is not None and self.hot is not None and p not in walked:
+                    self.hot.put(pr.digest, pr.data)
                 continue
             try:
                 fd = self.fs.open_read(p)
