@@ -89,6 +89,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
                     help="attach py-spy (record, raw collapsed stacks) to the origin and one replica")
     ap.add_argument("--profile-gil", action="store_true",
                     help="with --profile: only samples that hold the GIL (Python's own work, no system calls)")
+    ap.add_argument("--debug-origin", action="store_true",
+                    help="start the origin with -v (a debug line per committed batch, in logs/origin.log)")
     ap.add_argument("--debug-replicas", action="store_true",
                     help="start the replicas with -v: their logs (in the workdir's logs/, see --keep) get one "
                          "line per applied batch with its records and the time of each phase")

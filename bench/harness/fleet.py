@@ -105,6 +105,8 @@ class Fleet:
         self.replica_ports: dict[str, int] = {}
         #: Start replicas with -v (debug log: one line per applied batch with its phases).
         self.debug_replicas = False
+        #: Start the origin with -v (debug log: one line per committed batch with its phases).
+        self.debug_origin = False
         self.logs = os.path.join(workdir, "logs")
         os.makedirs(self.logs, exist_ok=True)
         self.client: StatusClient | None = None
@@ -129,7 +131,8 @@ class Fleet:
         self.origin = self._spawn(["origin", "--root", self.origin_root,
                                    "--state", os.path.join(self.workdir, "origin-state"),
                                    "--listen", f"127.0.0.1:{port}", "--settle", str(self.settle),
-                                   "--detector", self.detector], "origin.log")
+                                   "--detector", self.detector, *(["-v"] if self.debug_origin else [])],
+                                  "origin.log")
         last_seq, stable_since = -1, None
         while True:
             if self.origin.poll() is not None:

@@ -156,6 +156,7 @@ class Bench:
             self.fleet = Fleet(self.wd, self.origin_root, settle=self.args.settle, poll=self.args.poll,
                                detector=self.args.detector)
             self.fleet.debug_replicas = self.args.debug_replicas
+            self.fleet.debug_origin = self.args.debug_origin
             log("starting fleetsync origin (initial index)")
             dt = self.fleet.start_origin(free_port(), timeout=self.sizes.timeout * 4)
             self.origin_index_s = dt
@@ -533,8 +534,10 @@ class Bench:
         m_wire = "origin egress per round, content + feed JSON (rsync: all protocol bytes)"
         k = self.sizes.changes
         self.ensure_fleet()
-        self.ensure_peers()
-        # fleetsync
+        # fleetsync. The peers' target dirs are brought up to date (an untimed rsync) only before
+        # their own rounds: each tool's timed rounds follow its own setup. At 1M files that setup
+        # writes three tree copies, which would otherwise push the replicas' directories and
+        # databases out of memory just before fleetsync's rounds (twelfth session).
         self.catch_up()
         fleet = self.fleet
         assert fleet is not None and self.corpus is not None
