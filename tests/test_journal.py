@@ -25,6 +25,22 @@ def test_commit_assigns_sequential_seqs_and_updates_manifest(tmp_path) -> None:
     assert j.paths_with_hash(f(1).hash) == [b"d/a"]
 
 
+def test_paths_with_hashes_answers_many_digests_at_once(tmp_path) -> None:
+    """At most `limit` paths per digest, unknown digests left out, more digests than one statement takes."""
+    j = SqliteJournal(str(tmp_path / "j.db"))
+    j.commit([Change(PUT, b"d", D)] + [Change(PUT, b"d/s%d" % i, f(7)) for i in range(6)]
+             + [Change(PUT, b"d/u%d" % i, Entry(FILE, 0o644, 3, 1, i.to_bytes(32, "big"))) for i in range(600)])
+    want = [f(7).hash, f(8).hash] + [i.to_bytes(32, "big") for i in range(600)]
+    got = j.paths_with_hashes(want, limit=4)
+    assert len(got[f(7).hash]) == 4 and set(got[f(7).hash]) <= {b"d/s%d" % i for i in range(6)}
+    assert f(8).hash not in got
+    assert all(got[i.to_bytes(32, "big")] == [b"d/u%d" % i] for i in range(600))
+    assert j.paths_with_hashes([]) == {}
+    origin = SqliteJournal(str(tmp_path / "o.db"), content_index=False)
+    origin.commit([Change(PUT, b"a", f(7))])
+    assert origin.paths_with_hashes([f(7).hash]) == {}  # no hash index: never a full scan
+
+
 def test_move_rebases_whole_subtree_and_replaces_target(tmp_path) -> None:
     j = SqliteJournal(str(tmp_path / "j.db"))
     j.commit([Change(PUT, b"d", D), Change(PUT, b"d/x", D), Change(PUT, b"d/x/a", f(1)),

@@ -35,6 +35,9 @@ class Journal(Protocol):
     def paths_with_hash(self, digest: bytes, limit: int = 4) -> list[bytes]:
         """Some manifest paths whose file content has this hash."""
 
+    def paths_with_hashes(self, digests: list[bytes], limit: int = 4) -> dict[bytes, list[bytes]]:
+        """paths_with_hash() for many digests at once (digests without a path are left out)."""
+
     def compact(self, keep: int) -> int:
         """Drop records older than the newest `keep`; returns how many were dropped."""
 

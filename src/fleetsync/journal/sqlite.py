@@ -192,6 +192,20 @@ class SqliteJournal:
         rows = self.db.execute("SELECT path FROM manifest WHERE hash=? LIMIT ?", (digest, limit))
         return [r[0] for r in rows]
 
+    def paths_with_hashes(self, digests: list[bytes], limit: int = 4) -> dict[bytes, list[bytes]]:
+        """paths_with_hash() for many digests in a few statements (digests without a path are left out)."""
+        out: dict[bytes, list[bytes]] = {}
+        if not self.has_content_index:
+            return out
+        for i in range(0, len(digests), 500):
+            chunk = digests[i:i + 500]
+            rows = self.db.execute(
+                "SELECT hash, path FROM (SELECT hash, path, row_number() OVER (PARTITION BY hash) AS n "
+                f"FROM manifest WHERE hash IN ({','.join('?' * len(chunk))})) WHERE n <= ?", (*chunk, limit))
+            for h, path in rows:
+                out.setdefault(h, []).append(path)
+        return out
+
     def get_many(self, paths: list[bytes]) -> dict[bytes, Entry]:
         """get() for many paths in a few statements (absent paths are left out)."""
         return {p: e for p, (e, _) in self.get_many_with_local(paths).items()}

@@ -473,6 +473,7 @@ class Replica:
         moves.reverse()
         # One query for the batch's manifest rows (the manifest changes only at the batch's commit).
         plan.known = self.journal.get_many([r.path for r in recs if r.entry is not None and r.entry.kind == FILE])
+        elsewhere: dict[bytes, Entry] = {}  # content not found at its own paths: the manifest is asked
         for i, r in enumerate(recs):
             e = r.entry
             if i in plan.skip or e is None or e.kind != FILE or e.hash in plan.local:
@@ -488,14 +489,19 @@ class Replica:
             for c in cands:
                 if self.fs.matches(c, e):
                     plan.local[e.hash] = c
+                    elsewhere.pop(e.hash, None)
                     break
             else:
-                for c in self.journal.paths_with_hash(e.hash):
-                    m = plan.known.get(c) or self.journal.get(c)
-                    st = self.fs.lstat(c)
-                    if m and st and stat.S_ISREG(st.st_mode) and st.st_size == m.size and st.st_mtime_ns == m.mtime_ns:
-                        plan.local[e.hash] = c
-                        break
+                assert e.hash is not None
+                elsewhere.setdefault(e.hash, e)
+        # One query for all of them (a statement per record cost a new file ~25 µs of the plan).
+        for h, cs in self.journal.paths_with_hashes(list(elsewhere)).items():
+            for c in cs:
+                m = plan.known.get(c) or self.journal.get(c)
+                st = self.fs.lstat(c)
+                if m and st and stat.S_ISREG(st.st_mode) and st.st_size == m.size and st.st_mtime_ns == m.mtime_ns:
+                    plan.local[h] = c
+                    break
         return plan
 
     async def apply_batch(self, records: list[Record]) -> int:
