@@ -106,6 +106,26 @@ async def test_server_answers_from_the_hot_cache_without_the_file(tmp_path: Path
         await o.stop()
 
 
+async def test_a_miss_read_from_disk_is_kept_for_the_next_replica(tmp_path: Path) -> None:
+    """Content not in the cache is read and verified once; the next replica's request is a hit."""
+    o = ApiServer(tmp_path, content_index=False)
+    o.state.hot = HotBlobs()
+    await o.start()
+    try:
+        e = o.put("d/a.js", b"let a = 1;")
+        got = []
+        for rid in ("r1", "r2"):
+            c = UpstreamClient(o.url, replica_id=rid)
+            try:
+                got += [(d, st, data) async for d, st, data in c.blobs([e.hash], [b"d/a.js"])]
+            finally:
+                await c.close()
+        assert got == [(e.hash, OK, b"let a = 1;")] * 2
+        assert (o.state.hot.misses, o.state.hot.hits) == (1, 1)
+    finally:
+        await o.stop()
+
+
 def test_indexer_does_not_keep_content_hashed_during_a_walk(tmp_path: Path) -> None:
     """An initial index (a walk of the whole tree) leaves the cache empty: no memory held for nobody."""
     root = tmp_path / "root"

@@ -23,7 +23,7 @@ import signal
 import stat
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
 from collections.abc import Callable, Iterator, Set as AbstractSet
 from dataclasses import dataclass
 
@@ -49,7 +49,7 @@ SCAN_MOVES_MAX = 256
 #: Pre-hashes queued or running at most (past it, a closed file is hashed when it settles).
 PREHASH_QUEUE = 4096
 #: Content bytes pre-hashes hold for the hot cache until their batch (past it, the digest only).
-PREHASH_KEEP = 8 << 20
+PREHASH_KEEP = 16 << 20
 
 
 @dataclass(slots=True)
@@ -175,7 +175,10 @@ class Indexer:
         self.walks = 0
         self._gen = 0
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._pre_pool: ThreadPoolExecutor | None = None
+        self._pre_q: deque[tuple[bytes, int]] = deque()
+        self._pre_wake = threading.Event()
+        self._pre_thread: threading.Thread | None = None
+        self._pre_stop = False
         self._pre_queued = 0
         self._pre_bytes = 0
         #: Files pre-hashed, and how many of those digests a batch used.
@@ -214,26 +217,37 @@ class Indexer:
             p.pre = None
 
     def _prehash(self, path: bytes, gen: int) -> None:
-        """Hash a file its writer just closed on the pre-hash thread (if the queue has room)."""
-        loop = self._loop
-        if loop is None or self._pre_queued >= PREHASH_QUEUE:
+        """Queue a file its writer just closed for the pre-hash thread (if the queue has room)."""
+        if self._loop is None or self._pre_stop or self._pre_queued >= PREHASH_QUEUE:
             return
-        if self._pre_pool is None:
-            self._pre_pool = ThreadPoolExecutor(1, thread_name_prefix="fleetsync-prehash")
+        if self._pre_thread is None:
+            self._pre_thread = threading.Thread(target=self._pre_worker, args=(self._loop,),
+                                                name="fleetsync-prehash", daemon=True)
+            self._pre_thread.start()
         self._pre_queued += 1
+        self._pre_q.append((path, gen))
+        self._pre_wake.set()
 
-        def job() -> None:
-            try:
-                pre = self._prehash_one(path, gen)
-            except Exception:  # noqa: BLE001 - only an optimisation: the batch hashes the file
-                log.debug("pre-hash of %r failed", path, exc_info=True)
-                pre = None
-            loop.call_soon_threadsafe(self._prehashed, path, gen, pre)
-
-        try:
-            self._pre_pool.submit(job)
-        except RuntimeError:  # shut down
-            self._pre_queued -= 1
+    def _pre_worker(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The pre-hash thread: hash what is queued, hand results to the loop a chunk at a time."""
+        while not self._pre_stop:
+            self._pre_wake.wait()
+            self._pre_wake.clear()
+            out: list[tuple[bytes, int, _Pre | None]] = []
+            while self._pre_q and not self._pre_stop:
+                path, gen = self._pre_q.popleft()
+                try:
+                    pre = self._prehash_one(path, gen)
+                except Exception:  # noqa: BLE001 - only an optimisation: the batch hashes the file
+                    log.debug("pre-hash of %r failed", path, exc_info=True)
+                    pre = None
+                out.append((path, gen, pre))
+                if len(out) >= 64 or not self._pre_q:
+                    try:
+                        loop.call_soon_threadsafe(self._prehashed, out)
+                    except RuntimeError:  # the loop is closed
+                        return
+                    out = []
 
     def _prehash_one(self, path: bytes, gen: int) -> _Pre | None:
         """Read and hash path now if it is still this hint's, small, and no writer holds it (a worker thread)."""
@@ -260,27 +274,30 @@ class Indexer:
             return None
         return _Pre(_key(st), digest, data)
 
-    def _prehashed(self, path: bytes, gen: int, pre: _Pre | None) -> None:
-        """On the loop: attach a pre-hash to its hint, unless the hint changed or was taken since."""
-        self._pre_queued -= 1
-        if pre is None:
-            return
-        self.prehashed += 1
-        p = self.pending.get(path)
-        if p is None or p.gen != gen:
-            return
-        if pre.data is not None:
-            if self._pre_bytes + len(pre.data) > PREHASH_KEEP:
-                pre.data = None
-            else:
-                self._pre_bytes += len(pre.data)
-        self._drop_pre(p)
-        p.pre = pre
+    def _prehashed(self, results: list[tuple[bytes, int, _Pre | None]]) -> None:
+        """On the loop: attach pre-hashes to their hints, unless a hint changed or was taken since."""
+        self._pre_queued -= len(results)
+        for path, gen, pre in results:
+            if pre is None:
+                continue
+            self.prehashed += 1
+            p = self.pending.get(path)
+            if p is None or p.gen != gen:
+                continue
+            if pre.data is not None:
+                if self._pre_bytes + len(pre.data) > PREHASH_KEEP:
+                    pre.data = None
+                else:
+                    self._pre_bytes += len(pre.data)
+            self._drop_pre(p)
+            p.pre = pre
 
     def close(self) -> None:
         """Stop the pre-hash thread (queued pre-hashes are dropped)."""
-        if self._pre_pool is not None:
-            self._pre_pool.shutdown(wait=True, cancel_futures=True)
+        self._pre_stop = True
+        self._pre_wake.set()
+        if self._pre_thread is not None:
+            self._pre_thread.join(5.0)
 
     def removed(self, path: bytes) -> None:
         """A path may be gone."""

@@ -183,7 +183,7 @@ class ServerState:
             if data is not None:
                 return OK, data
         if hint is not None and (data := self._read_verified(hint, digest)) is not None:
-            return OK, data  # no manifest lookup: the hash decided
+            return OK, self._keep(digest, data)  # no manifest lookup: the hash decided
         cands = self._lookup.find(digest, hint)
         if not cands:
             return GONE, b""
@@ -191,8 +191,14 @@ class ServerState:
             if size > BATCH_BLOB_MAX:
                 return TOO_LARGE, b""
             if p != hint and (data := self._read_verified(p, digest, size)) is not None:
-                return OK, data
+                return OK, self._keep(digest, data)
         return CHANGED, b""
+
+    def _keep(self, digest: bytes, data: bytes) -> bytes:
+        """Keep verified content read on a miss for the other replicas that will ask for it too."""
+        if self.hot is not None:
+            self.hot.put(digest, data)
+        return data
 
     def _read_verified(self, p: bytes, digest: bytes, size: int | None = None) -> bytes | None:
         """p's content if p is a regular file of `size` bytes (None: any size up to BATCH_BLOB_MAX)
