@@ -142,9 +142,12 @@ def test_closed_files_are_pre_hashed(conv_cluster: Cluster) -> None:
     """Small files written and closed are hashed during their settle window (inotify, fanotify);
     the scanner sees no closes and pre-hashes nothing. Either way the replicas get the content."""
     c = conv_cluster
-    before = c.status()["prehash"]
     d = c.origin.root / "pre"
     d.mkdir(exist_ok=True)
+    # Files written into a directory before the detector watches it are found by the walk of the
+    # new directory (no close event, so no pre-hash): write them once it is known.
+    c.wait_converged(timeout=60)
+    before = c.status()["prehash"]
     blobs = {f"p{i}.html": os.urandom(2000 + i) for i in range(10)}
     for name, data in blobs.items():
         (d / name).write_bytes(data)
