@@ -258,21 +258,30 @@ class Indexer:
         st = self.fs.lstat(path)
         if st is None or not stat.S_ISREG(st.st_mode) or st.st_size > item_max:
             return None
+        keep = item_max if self.hot is not None and self._pre_bytes < PREHASH_KEEP else -1
+        read = self._read_file(path, st, keep)
+        if read is None or read[2]:
+            return None  # changed while read, or another writer has it open: the batch looks again
+        return _Pre(_key(st), read[0], read[1])
+
+    def _read_file(self, path: bytes, st: os.stat_result, keep: int) -> tuple[bytes, bytes | None, bool | None] | None:
+        """Hash the file lstat'ed as st: (digest, content if at most `keep` bytes, a writer holds it
+        open (None: cannot tell)), or None if it cannot be opened or is not what st showed any more."""
         try:
             fd = self.fs.open_read(path)
         except OSError:
             return None
         try:
-            keep = item_max if self.hot is not None and self._pre_bytes < PREHASH_KEEP else -1
             digest, n, data = hash_fd_keep(fd, keep, st.st_size)
-            if open_for_write(fd):
-                return None  # another writer has it open: the batch looks again
+            # After the content was read: is a writer at work (an open(O_TRUNC) in progress
+            # included)? If none is, the stat below shows whether what was read is still there.
+            busy = open_for_write(fd)
             st2 = os.fstat(fd)
         finally:
             os.close(fd)
         if n != st.st_size or _key(st2) != _key(st):
             return None
-        return _Pre(_key(st), digest, data)
+        return digest, data, busy
 
     def _prehashed(self, results: list[tuple[bytes, int, _Pre | None]]) -> None:
         """On the loop: attach pre-hashes to their hints, unless a hint changed or was taken since."""
@@ -809,25 +818,12 @@ class Indexer:
                 if pr.data is not None and self.hot is not None and p not in walked:
                     self.hot.put(pr.digest, pr.data)
                 continue
-            try:
-                fd = self.fs.open_read(p)
-            except OSError:
+            hot = self.hot if p not in walked else None
+            read = self._read_file(p, st, hot.item_max if hot is not None else -1)
+            if read is None:
                 o.unstable = True
                 continue
-            try:
-                hot = self.hot if p not in walked else None
-                digest, n, data = hash_fd_keep(fd, hot.item_max if hot is not None else -1,
-                                               st.st_size)
-                # After the content was read: is a writer at work (an open(O_TRUNC) in progress
-                # included)? If none is, the stat below shows whether what was read is still there.
-                o.busy = open_for_write(fd)
-                st2 = os.fstat(fd)
-            finally:
-                os.close(fd)
-            if (n != st.st_size or st2.st_size != st.st_size or st2.st_mtime_ns != st.st_mtime_ns
-                    or st2.st_ctime_ns != st.st_ctime_ns or st2.st_ino != st.st_ino):
-                o.unstable = True
-                continue
+            digest, data, o.busy = read
             if o.busy and time.time_ns() - st.st_ctime_ns < self.open_timeout * 1e9:
                 # Held open for writing and changed lately: not complete yet (a writer that holds
                 # a file open but stopped changing it is recorded after open_timeout).
