@@ -330,7 +330,10 @@ class Indexer:
             return
         # Carry pending hints along with the rename.
         for p in [p for p in self.pending if paths.is_under(p, old)]:
-            self.pending[paths.rebase(p, old, new)] = self.pending.pop(p)
+            q = paths.rebase(p, old, new)
+            if (replaced := self.pending.get(q)) is not None:
+                self._drop_pre(replaced)
+            self.pending[q] = self.pending.pop(p)
         if is_dir:
             # The batch being observed may look at a path below after this rename happened on
             # disk (gone, and unknown to the manifest if new), or already did: have it looked at
@@ -658,10 +661,7 @@ class Indexer:
             h = self.pending.pop(p)
             if h.pre is not None:
                 pre[p] = h.pre
-        if not self.pending:
-            self._pre_bytes = 0  # (every pre-hash held is in `pre` now)
-        else:
-            self._pre_bytes -= sum(len(x.data) for x in pre.values() if x.data is not None)
+                self._drop_pre(h)  # (the batch holds it now)
         self._inflight = len(ready)
         self._flight = ready
         walks0, walking0 = self.walks, bool(self._walks)
