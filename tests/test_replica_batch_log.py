@@ -28,7 +28,7 @@ async def test_each_applied_batch_is_logged_with_its_phases(tmp_path: Path, capl
         lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("batch ")]
         assert len(lines) == 2, lines
         pat = (r"batch (\d+)-(\d+): (\d+) records, (\d+) files written, (\d+) bytes fetched; plan [\d.]+ ms, "
-               r"fetch and apply [\d.]+ ms, flush [\d.]+ ms, commit [\d.]+ ms")
+               r"fetch and apply [\d.]+ ms, flush [\d.]+ ms, commit [\d.]+ ms \(begun [\d.]+ ms after the flush\)")
         first, second = (re.fullmatch(pat, ln) for ln in lines)
         assert first and first.groups() == ("1", "2", "2", "2", str(e1.size + e2.size))
         assert second and second.groups() == ("3", "3", "1", "0", "0")

@@ -70,6 +70,19 @@ class _Plan:
     known: dict[bytes, Entry] = field(default_factory=dict)
 
 
+@dataclass(eq=False)
+class _Placed:
+    """A batch applied to the tree whose flush runs on a thread and whose cursor is not yet committed."""
+
+    recs: list[Record]
+    trash: str | None
+    sync: asyncio.Future[float]
+    written: int
+    fetched: int
+    #: Monotonic times: batch start, plan done, records placed.
+    times: tuple[float, float, float]
+
+
 class _Concurrent:
     """At most `limit` coroutines running at once; the first failure is raised by add() or drain()."""
 
@@ -165,6 +178,10 @@ class Replica:
         #: Directories that may still hold replaced versions under temp names (after a crash).
         self._sweep_dirs = {b"" if d == "." else bytes.fromhex(d) for d in (self.journal.meta("trash") or "").split()}
         self.on_applied: list[Callable[[], None]] = []
+        #: The batch being flushed (run() overlaps its flush with fetching the next batch).
+        self._placed: _Placed | None = None
+        #: Seqs of a batch whose content is fetched before the previous batch's commit.
+        self._early: str | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
     def stop(self) -> None:
@@ -172,7 +189,12 @@ class Replica:
         self._stop.set()
 
     async def close(self) -> None:
-        """Release resources."""
+        """Release resources (a batch already placed is committed once its flush returns)."""
+        if self._placed is not None:
+            try:
+                await self._make_durable()
+            except Exception as e:  # noqa: BLE001 - its records are applied again on the next start
+                log.warning("replica %s: committing the last batch on close: %s", self.id, e)
         await self.client.close()
         if self._pool is not None:
             self._pool.shutdown(wait=True)
@@ -200,7 +222,7 @@ class Replica:
                                        f"we follow {self.journal.journal_id[:8]}…")
                 recs = page.records
                 while recs:
-                    n = await self.apply_batch(recs)
+                    n = await self._apply(recs)
                     recs = recs[n:]
                 self.last_error = None
                 backoff = 0.2
@@ -222,12 +244,21 @@ class Replica:
                 backoff = min(backoff * 2, 5.0)
 
     async def _next_page(self) -> FeedPage:
-        """The next feed page; old versions waiting to be unlinked go once no page came for CLEANUP_IDLE s."""
-        feed = self.client.feed(self.journal.head(), limit=FEED_LIMIT, wait=self.poll_wait, error=self.last_error)
-        if not self.fs.deferred:
-            return await feed
-        task = asyncio.ensure_future(feed)
+        """The next feed page, asked for while the last batch flushes (which commits as soon as it can).
+
+        Old versions waiting to be unlinked go once no page came for CLEANUP_IDLE s.
+        """
+        after = self._placed.recs[-1].seq if self._placed is not None else self.journal.head()
+        task = asyncio.ensure_future(self.client.feed(after, limit=FEED_LIMIT, wait=self.poll_wait,
+                                                      error=self.last_error))
         try:
+            if self._placed is not None:
+                # A page that comes first is returned at once: its content is fetched while the
+                # flush goes on (see _apply); otherwise the batch commits without waiting for it.
+                await asyncio.wait({task, self._placed.sync}, return_when=asyncio.FIRST_COMPLETED)
+                if task.done():
+                    return task.result()
+                await self._make_durable()
             while self.fs.deferred:
                 done, _ = await asyncio.wait({task}, timeout=CLEANUP_IDLE)
                 if done:
@@ -238,7 +269,16 @@ class Replica:
             if not task.done():
                 task.cancel()
 
+    async def _settle(self) -> None:
+        """Commit the batch being flushed, if any; a failure only means its records are applied again."""
+        if self._placed is not None:
+            try:
+                await self._make_durable()
+            except Exception as e:  # noqa: BLE001 - the cursor stays before the batch
+                log.error("replica %s: flushing or committing a batch: %s (it is applied again)", self.id, e)
+
     async def _failed(self, msg: str, delay: float) -> None:
+        await self._settle()
         if msg != self.last_error:
             log.error("replica %s: %s", self.id, msg)
         self.last_error = msg
@@ -250,6 +290,7 @@ class Replica:
     # -- bootstrap / resync ----------------------------------------------------------------------
     async def resync(self, *, bootstrap: bool) -> None:
         """Make the tree equal to the upstream's manifest snapshot (diff, not re-download)."""
+        await self._settle()
         self.fs.flush_trash(strict=False)
         self._cleanup_done()
         t0 = time.monotonic()
@@ -456,21 +497,24 @@ class Replica:
                     return records[:i]
         return records
 
-    def _plan(self, recs: list[Record]) -> _Plan:
-        plan = _Plan()
+    @staticmethod
+    def _skips(recs: list[Record]) -> set[int]:
+        """Indexes of file records a later record of the batch overwrites (never written)."""
+        skip: set[int] = set()
         overwritten: set[bytes] = set()
-        moves: list[tuple[int, bytes, bytes]] = []
         for i in range(len(recs) - 1, -1, -1):
             r = recs[i]
             if r.op == MOVE:
                 overwritten.clear()
-                assert r.old_path is not None
-                moves.append((i, r.old_path, r.path))
                 continue
             if r.op == PUT and r.entry is not None and r.entry.kind == FILE and r.path in overwritten:
-                plan.skip.add(i)
+                skip.add(i)
             overwritten.add(r.path)
-        moves.reverse()
+        return skip
+
+    def _plan(self, recs: list[Record], skip: set[int]) -> _Plan:
+        plan = _Plan(skip=skip)
+        moves = [(i, r.old_path, r.path) for i, r in enumerate(recs) if r.op == MOVE and r.old_path is not None]
         # One query for the batch's manifest rows (the manifest changes only at the batch's commit).
         plan.known = self.journal.get_many([r.path for r in recs if r.entry is not None and r.entry.kind == FILE])
         elsewhere: dict[bytes, Entry] = {}  # content not found at its own paths: the manifest is asked
@@ -506,7 +550,41 @@ class Replica:
 
     async def apply_batch(self, records: list[Record]) -> int:
         """Apply a prefix of records durably; returns how many were applied."""
+        n = await self._apply(records)
+        await self._make_durable()
+        return n
+
+    def _small_blob(self, r: Record) -> bool:
+        e = r.entry
+        return e is not None and e.kind == FILE and e.size <= BATCH_BLOB_MAX
+
+    async def _apply(self, records: list[Record]) -> int:
+        """Apply a prefix of records to the tree and start flushing it; returns how many.
+
+        The previous batch, if still flushing, is committed first: the plan needs its manifest.
+        Its flush overlaps with streaming this batch's content into unnamed temp files, which
+        become visible only when placed after that commit. Those blobs are asked for before the
+        plan, so content the plan would have found on disk may cross the wire: bandwidth, not
+        correctness, is at stake.
+        """
         recs = self._cut(records)
+        skip = self._skips(recs)
+        pipe: BlobPipeline | None = None
+        if self._placed is not None:
+            pipe = self._pipeline()
+            for i, r in enumerate(recs):
+                if i not in skip and self._small_blob(r):
+                    assert r.entry is not None and r.entry.hash is not None
+                    pipe.want(r.entry.hash, r.entry, i, r.path)
+            self._early = f"{recs[0].seq}-{recs[-1].seq}"
+            pipe.start()
+            try:
+                await self._make_durable()
+            except BaseException:
+                await pipe.close(False)
+                raise
+            finally:
+                self._early = None
         t0 = time.monotonic()
         if self._sweep or self._sweep_dirs:
             # Named temps (filesystems without O_TMPFILE) are written in the root, then renamed;
@@ -518,18 +596,19 @@ class Replica:
                 self.fs.sweep_temps(d)
             self._sweep, self._sweep_dirs = False, set()
         self.journal.set_meta("inflight", f"{recs[0].seq}-{recs[-1].seq}")
-        plan = self._plan(recs)
+        plan = self._plan(recs, skip)
         t_plan = time.monotonic()
         fetched0, written0 = self.stats.bytes_fetched, self.stats.files_written
-        pipe = self._pipeline()
-        for i, r in enumerate(recs):
-            e = r.entry
-            if (i not in plan.skip and e is not None and e.kind == FILE and e.hash not in plan.local
-                    and e.size <= BATCH_BLOB_MAX and not self._unchanged_on_disk(r, plan)):
-                assert e.hash is not None
-                pipe.want(e.hash, e, i, r.path)
-        # Content streams in and is written by worker threads while records are applied in order.
-        pipe.start()
+        if pipe is None:
+            pipe = self._pipeline()
+            for i, r in enumerate(recs):
+                e = r.entry
+                if (i not in skip and self._small_blob(r) and e is not None and e.hash not in plan.local
+                        and not self._unchanged_on_disk(r, plan)):
+                    assert e.hash is not None
+                    pipe.want(e.hash, e, i, r.path)
+            # Content streams in and is written by worker threads while records are applied in order.
+            pipe.start()
         moved = False
         ok = False
         try:
@@ -553,24 +632,46 @@ class Replica:
         dirs = self.fs.defer_trash()
         self._cleanup_done()
         t_apply = time.monotonic()
+        self._placed = _Placed(recs, " ".join(sorted(d.hex() or "." for d in dirs)) or None,
+                               asyncio.get_running_loop().run_in_executor(None, self._timed_sync),
+                               self.stats.files_written - written0, self.stats.bytes_fetched - fetched0,
+                               (t0, t_plan, t_apply))
+        return len(recs)
+
+    def _timed_sync(self) -> float:
+        """Flush the root's filesystem (on a thread); returns when it finished (monotonic)."""
         self.fs.sync()
-        t_sync = time.monotonic()
-        self.journal.apply_records(recs, meta={"inflight": None,
-                                               "trash": " ".join(sorted(d.hex() or "." for d in dirs)) or None})
+        return time.monotonic()
+
+    async def _make_durable(self) -> None:
+        """Wait for the placed batch's flush, then commit its records and cursor."""
+        p = self._placed
+        if p is None:
+            return
+        try:
+            t_sync = await asyncio.shield(p.sync)
+        except BaseException:
+            if p.sync.done():  # the flush failed: the batch is applied again
+                self._placed = None
+            raise
+        self._placed = None
+        t_commit = time.monotonic()
+        # A batch whose content is already streaming in may leave temp files behind a crash.
+        self.journal.apply_records(p.recs, meta={"inflight": self._early, "trash": p.trash})
+        t0, t_plan, t_apply = p.times
         if log.isEnabledFor(logging.DEBUG):
             log.debug("batch %d-%d: %d records, %d files written, %d bytes fetched; plan %.1f ms, fetch and apply "
-                      "%.1f ms, flush %.1f ms, commit %.1f ms", recs[0].seq, recs[-1].seq, len(recs),
-                      self.stats.files_written - written0, self.stats.bytes_fetched - fetched0,
-                      (t_plan - t0) * 1e3, (t_apply - t_plan) * 1e3, (t_sync - t_apply) * 1e3,
-                      (time.monotonic() - t_sync) * 1e3)
+                      "%.1f ms, flush %.1f ms, commit %.1f ms (begun %.1f ms after the flush)", p.recs[0].seq,
+                      p.recs[-1].seq, len(p.recs), p.written, p.fetched, (t_plan - t0) * 1e3,
+                      (t_apply - t_plan) * 1e3, (t_sync - t_apply) * 1e3, (time.monotonic() - t_commit) * 1e3,
+                      (t_commit - t_sync) * 1e3)
         if self.fs.cleanup_due:
             self.fs.start_cleanup()
         self._compact()
         self.stats.batches += 1
-        self.stats.records += len(recs)
+        self.stats.records += len(p.recs)
         for cb in self.on_applied:
             cb()
-        return len(recs)
 
     def _compact(self) -> None:
         """Drop applied records beyond `retain`, once RETAIN_SLACK of them have piled up."""
