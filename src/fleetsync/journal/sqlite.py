@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from fleetsync import paths
 from fleetsync.entry import DELETE, DIR, FILE, LINK, MOVE, PUT, Entry, Record, Row, row_of
+from fleetsync.journal.checkpoint import AUTOCHECKPOINT_PAGES, Checkpointer
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -83,8 +84,12 @@ class SqliteJournal:
         self.db_path = db_path
         self.db = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+        sync = "FULL" if durable else "NORMAL"
+        self.db.execute(f"PRAGMA synchronous={sync}")
         self.db.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
+        # Commits wake a thread that checkpoints the WAL (see checkpoint.py), not wait for one.
+        self.db.execute(f"PRAGMA wal_autocheckpoint={AUTOCHECKPOINT_PAGES}")
+        self.checkpointer = Checkpointer(db_path, sync)
         self.db.executescript(SCHEMA)
         self._lock = threading.RLock()
         if content_index is not None or self.meta("content_index") is None:
@@ -402,6 +407,7 @@ class SqliteJournal:
             self._min = cutoff + 1
             self.db.execute("INSERT OR REPLACE INTO meta VALUES ('min_seq', ?)", (str(self._min),))
             self.db.execute("COMMIT")
+        self.checkpointer.kick()
         return n
 
     def _has_descendants(self, path: bytes) -> bool:
@@ -409,7 +415,8 @@ class SqliteJournal:
         return self.db.execute("SELECT 1 FROM manifest WHERE path >= ? AND path < ? LIMIT 1", (lo, hi)).fetchone() is not None
 
     def close(self) -> None:
-        """Close the database."""
+        """Close the database (after the checkpoint thread stopped)."""
+        self.checkpointer.close()
         self.db.close()
 
     # -- internals -------------------------------------------------------------------------------
@@ -423,6 +430,7 @@ class SqliteJournal:
         self.db.execute("COMMIT")
         self._count += self._delta
         self._delta = 0
+        self.checkpointer.kick()
 
     def _rollback(self) -> None:
         self.db.execute("ROLLBACK")
@@ -515,6 +523,7 @@ class SnapshotStage:
             self.j.db.executemany("INSERT OR REPLACE INTO snap (path, kind, mode, size, mtime, hash, target) "
                                   "VALUES (?,?,?,?,?,?,?)", rows)
             self.j.db.execute("COMMIT")
+        self.j.checkpointer.kick()
 
     def iter(self) -> Iterator[tuple[bytes, Entry]]:
         """Entries in path order (parents before children)."""
@@ -566,6 +575,7 @@ class SnapshotStage:
                 raise
             finally:
                 j.db.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
+        j.checkpointer.kick()
         j._count = n
         j.journal_id = journal_id
 
