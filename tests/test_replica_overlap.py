@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 import threading
 from pathlib import Path
 
@@ -38,7 +39,9 @@ async def _until(cond, what: str, timeout: float = 10.0) -> None:  # type: ignor
         await asyncio.sleep(0.01)
 
 
-async def test_next_batch_streams_during_the_flush_and_commits_after_it(origin: ApiServer, tmp_path: Path) -> None:
+async def test_next_batch_streams_during_the_flush_and_commits_after_it(
+        origin: ApiServer, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="fleetsync.replica")
     a, b, c = b"a" * 5000, b"b" * 7000, b"c" * 9000
     origin.put("one/a", a)
     rep = replica_in(tmp_path, origin.url, rid="t")
@@ -69,6 +72,9 @@ async def test_next_batch_streams_during_the_flush_and_commits_after_it(origin: 
         await rep._make_durable()
         assert rep.journal.head() == 3 and rep.journal.meta("inflight") is None
         assert rep.stats.batches == 2 and rep.stats.files_written == 3
+        # The debug line counts the content fetched during the previous flush with its own batch.
+        lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("batch ")]
+        assert lines[1].startswith(f"batch 2-3: 2 records, 2 files written, {len(b) + len(c)} bytes fetched;"), lines
     finally:
         gate.set()
         await rep.close()

@@ -569,6 +569,7 @@ class Replica:
         """
         recs = self._cut(records)
         skip = self._skips(recs)
+        fetched0, written0 = self.stats.bytes_fetched, self.stats.files_written
         pipe: BlobPipeline | None = None
         if self._placed is not None:
             pipe = self._pipeline()
@@ -598,7 +599,6 @@ class Replica:
         self.journal.set_meta("inflight", f"{recs[0].seq}-{recs[-1].seq}")
         plan = self._plan(recs, skip)
         t_plan = time.monotonic()
-        fetched0, written0 = self.stats.bytes_fetched, self.stats.files_written
         if pipe is None:
             pipe = self._pipeline()
             for i, r in enumerate(recs):
