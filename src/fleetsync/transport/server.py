@@ -41,6 +41,8 @@ log = logging.getLogger("fleetsync.server")
 SNAPSHOT_ROWS = 1000
 FEED_MAX_LIMIT = 10000
 FEED_MAX_WAIT = 60.0
+#: Encoded feed pages kept for the followers that ask for the same page.
+FEED_PAGES_KEPT = 8
 READ_GROUP = 64
 #: A read group also ends once it holds this many content bytes (bounds memory per blob stream).
 READ_GROUP_BYTES = 1 << 20
@@ -140,6 +142,31 @@ class ServerState:
         self._lookup = BlobLookup(self.journal.db_path)
         self.read_pool = ThreadPoolExecutor(max_workers=READERS, thread_name_prefix="fleetsync-read")
         self._served_since_trim = 0
+        self._pages: dict[tuple[Any, ...], bytes] = {}
+        #: Feed pages served from the cache of encoded pages, and encoded.
+        self.feed_pages = {"cached": 0, "encoded": 0}
+
+    def feed_page(self, after: int, limit: int) -> tuple[bytes, bool]:
+        """The encoded feed page after `after` (JSON) and whether it has records.
+
+        Followers of one upstream ask for the same page when a commit wakes them: it is read and
+        encoded once per journal state (head, min_seq, journal id), not once per follower.
+        """
+        j = self.journal
+        key = (after, limit, j.head(), j.min_seq(), j.journal_id)
+        body = self._pages.get(key)
+        if body is not None:
+            self.feed_pages["cached"] += 1
+            return body, True
+        recs = j.read(after, limit)
+        body = json.dumps({"journal_id": j.journal_id, "head": key[2], "min_seq": key[3],
+                           "records": [r.to_wire() for r in recs]}).encode()
+        self.feed_pages["encoded"] += 1
+        if recs:
+            if len(self._pages) >= FEED_PAGES_KEPT:
+                del self._pages[next(iter(self._pages))]
+            self._pages[key] = body
+        return body, bool(recs)
 
     def notify(self) -> None:
         """Wake long-polling feed requests (call after committing records)."""
@@ -355,16 +382,13 @@ def build_app(state: ServerState) -> web.Application:
             return _error(410, "behind the retained journal; resync from /v1/snapshot",
                           min_seq=j.min_seq(), journal_id=j.journal_id)
         deadline = time.monotonic() + wait
-        recs = j.read(after, limit)
-        while not recs and time.monotonic() < deadline:
+        body, some = state.feed_page(after, limit)
+        while not some and time.monotonic() < deadline:
             await state.wait_change(deadline - time.monotonic())
-            recs = j.read(after, limit)
+            body, some = state.feed_page(after, limit)
             if rid:
                 state.follower(rid[:200])
-        return web.json_response({
-            "journal_id": j.journal_id, "head": j.head(), "min_seq": j.min_seq(),
-            "records": [r.to_wire() for r in recs],
-        })
+        return web.Response(body=body, content_type="application/json")
 
     async def blobs(request: web.Request) -> web.StreamResponse:
         try:
@@ -551,7 +575,7 @@ def status_doc(state: ServerState) -> dict[str, Any]:
                      "last_contact": f.last_contact, "last_error": f.last_error, "bytes_sent": f.bytes_sent,
                      "addr": f.addr})
     doc: dict[str, Any] = {"role": state.role, "journal_id": j.journal_id, "seq": head, "min_seq": j.min_seq(),
-                           "time": now, "replicas": reps}
+                           "time": now, "replicas": reps, "feed_pages": dict(state.feed_pages)}
     doc.update(state.extra_status())
     return doc
 
