@@ -81,49 +81,41 @@ def test_indexer_keeps_what_it_hashed(tmp_path: Path) -> None:
     j.close()
 
 
-async def test_server_answers_from_the_hot_cache_without_the_file(tmp_path: Path) -> None:
-    o = ApiServer(tmp_path, content_index=False)
+async def test_server_answers_from_the_hot_cache_without_the_file(origin: ApiServer) -> None:
+    o = origin
     o.state.hot = HotBlobs()
-    await o.start()
+    kept = o.put("d/kept.css", b"body{}")
+    other = o.put("d/other.css", b"p{}")
+    o.state.hot.put(kept.hash, b"body{}")
+    # The file changed after it was hashed: the cached bytes are still exactly the requested
+    # version (a newer record follows); without the cache the same request reports the change.
+    (o.root / "d/kept.css").write_bytes(b"body{color:red}")
+    os.unlink(o.root / "d/other.css")
+    c = UpstreamClient(o.url, replica_id="t")
     try:
-        kept = o.put("d/kept.css", b"body{}")
-        other = o.put("d/other.css", b"p{}")
-        o.state.hot.put(kept.hash, b"body{}")
-        # The file changed after it was hashed: the cached bytes are still exactly the requested
-        # version (a newer record follows); without the cache the same request reports the change.
-        (o.root / "d/kept.css").write_bytes(b"body{color:red}")
-        os.unlink(o.root / "d/other.css")
-        c = UpstreamClient(o.url, replica_id="t")
+        got = [(d, st, data) async for d, st, data in c.blobs([kept.hash, other.hash],
+                                                               [b"d/kept.css", b"d/other.css"])]
+    finally:
+        await c.close()
+    assert got[0] == (kept.hash, OK, b"body{}")
+    assert got[1][0] == other.hash and got[1][1] != OK
+    assert o.state.hot.hits == 1
+
+
+async def test_a_miss_read_from_disk_is_kept_for_the_next_replica(origin: ApiServer) -> None:
+    """Content not in the cache is read and verified once; the next replica's request is a hit."""
+    o = origin
+    o.state.hot = HotBlobs()
+    e = o.put("d/a.js", b"let a = 1;")
+    got = []
+    for rid in ("r1", "r2"):
+        c = UpstreamClient(o.url, replica_id=rid)
         try:
-            got = [(d, st, data) async for d, st, data in c.blobs([kept.hash, other.hash],
-                                                                   [b"d/kept.css", b"d/other.css"])]
+            got += [(d, st, data) async for d, st, data in c.blobs([e.hash], [b"d/a.js"])]
         finally:
             await c.close()
-        assert got[0] == (kept.hash, OK, b"body{}")
-        assert got[1][0] == other.hash and got[1][1] != OK
-        assert o.state.hot.hits == 1
-    finally:
-        await o.stop()
-
-
-async def test_a_miss_read_from_disk_is_kept_for_the_next_replica(tmp_path: Path) -> None:
-    """Content not in the cache is read and verified once; the next replica's request is a hit."""
-    o = ApiServer(tmp_path, content_index=False)
-    o.state.hot = HotBlobs()
-    await o.start()
-    try:
-        e = o.put("d/a.js", b"let a = 1;")
-        got = []
-        for rid in ("r1", "r2"):
-            c = UpstreamClient(o.url, replica_id=rid)
-            try:
-                got += [(d, st, data) async for d, st, data in c.blobs([e.hash], [b"d/a.js"])]
-            finally:
-                await c.close()
-        assert got == [(e.hash, OK, b"let a = 1;")] * 2
-        assert (o.state.hot.misses, o.state.hot.hits) == (1, 1)
-    finally:
-        await o.stop()
+    assert got == [(e.hash, OK, b"let a = 1;")] * 2
+    assert (o.state.hot.misses, o.state.hot.hits) == (1, 1)
 
 
 def test_indexer_does_not_keep_content_hashed_during_a_walk(tmp_path: Path) -> None:
