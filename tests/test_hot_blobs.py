@@ -103,9 +103,14 @@ async def test_server_answers_from_the_hot_cache_without_the_file(origin: ApiSer
 
 
 async def test_a_miss_read_from_disk_is_kept_for_the_next_replica(origin: ApiServer) -> None:
-    """Content not in the cache is read and verified once; the next replica's request is a hit."""
+    """Content not in the cache is read and verified once; the next replica's request is a hit.
+
+    It is kept in the server's own smaller cache, not in the indexer's: a bootstrap's reads must
+    not push out the content the indexer just hashed for a round.
+    """
     o = origin
     o.state.hot = HotBlobs()
+    o.state.missed = HotBlobs(max_bytes=64)
     e = o.put("d/a.js", b"let a = 1;")
     got = []
     for rid in ("r1", "r2"):
@@ -115,7 +120,17 @@ async def test_a_miss_read_from_disk_is_kept_for_the_next_replica(origin: ApiSer
         finally:
             await c.close()
     assert got == [(e.hash, OK, b"let a = 1;")] * 2
-    assert (o.state.hot.misses, o.state.hot.hits) == (1, 1)
+    assert (o.state.hot.hits, len(o.state.hot)) == (0, 0)
+    assert (o.state.missed.misses, o.state.missed.hits) == (1, 1)
+    # The budget bounds what misses keep: a larger content pushes the first one out.
+    big = o.put("d/b.js", b"x" * 60)
+    c = UpstreamClient(o.url, replica_id="r3")
+    try:
+        got = [(d, st, data) async for d, st, data in c.blobs([big.hash], [b"d/b.js"])]
+    finally:
+        await c.close()
+    assert got == [(big.hash, OK, b"x" * 60)]
+    assert o.state.missed.get(e.hash) is None and o.state.missed.nbytes == 60
 
 
 def test_indexer_does_not_keep_content_hashed_during_a_walk(tmp_path: Path) -> None:

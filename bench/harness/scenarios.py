@@ -185,6 +185,7 @@ class Bench:
             if diffs:
                 raise RuntimeError("fleetsync replicas differ from the origin after their bootstrap:\n"
                                    + "\n".join(diffs))
+            self.note_hwm("replica setup")
         return fleet
 
     def catch_up(self) -> None:
@@ -200,6 +201,7 @@ class Bench:
         dt = now() - t0
         if dt > 2:
             log(f"  fleetsync caught up with the peers' changes in {dt:.1f}s (untimed)")
+            self.note_hwm("catch-up")
 
     def ensure_peers(self) -> None:
         """Peer target dirs equal to the origin (rsync, untimed)."""
@@ -376,6 +378,10 @@ class Bench:
         """Log and keep the fleet's peak RSS after a scenario."""
         self._audit = None
         self._audit_result = None
+        self.note_hwm(label)
+
+    def note_hwm(self, label: str) -> None:
+        """Log and keep the fleet's peak RSS so far under label (the phase just finished)."""
         if self.fleet is None:
             return
         h = self.fleet.vmhwm()
@@ -575,6 +581,9 @@ class Bench:
                 hot0, hot1 = st0.get("hot_blobs") or {}, st.get("hot_blobs") or {}
                 if hot1:
                     facts["origin_hot"] = {k: hot1.get(k, 0) - hot0.get(k, 0) for k in ("hits", "misses")}
+                    km0, km1 = st0.get("kept_on_miss") or {}, st.get("kept_on_miss") or {}
+                    if km1:
+                        facts["origin_hot"]["kept_on_miss_hits"] = km1.get("hits", 0) - km0.get("hits", 0)
                 log(f"  fleetsync round {i + 1}: {t - t_last:.3f}s, {st['seq'] - st0['seq']} records, "
                     f"egress {e / 1e6:.1f} MB for {facts['changed_bytes'] / 1e6:.1f} MB changed ({facts})")
                 diffs = self.verify_fleet("round", last=i == self.sizes.rounds - 1)

@@ -14,7 +14,7 @@ from fleetsync import paths
 from fleetsync.detect import Detector, HintSink, TracingSink
 from fleetsync.detect.inotify import InotifyDetector
 from fleetsync.detect.scan import ScanDetector
-from fleetsync.index.hot import HotBlobs
+from fleetsync.index.hot import MISS_BYTES, HotBlobs
 from fleetsync.index.indexer import Indexer
 from fleetsync.journal import DEFAULT_RETAIN
 from fleetsync.journal.sqlite import SqliteJournal
@@ -37,6 +37,7 @@ class Origin:
         self.journal = SqliteJournal(os.path.join(state_dir, "origin.db"), durable=True, content_index=False)
         rules = paths.IgnoreRules(tuple(ignore) if ignore is not None else paths.DEFAULT_IGNORE)
         self.hot = HotBlobs()
+        self.missed = HotBlobs(MISS_BYTES)
         self.indexer = Indexer(self.root, self.journal, settle=settle, ignore=rules, allow_empty=allow_empty,
                                on_commit=self._committed, scan_rate=reconcile_rate, hot=self.hot)
         self.scan_interval, self.scan_rate = scan_interval, scan_rate
@@ -48,7 +49,7 @@ class Origin:
         self.started = time.time()
         self.server = ServerState(self.journal, self.root, token=token, role="origin",
                                   extra_status=self._status, extra_routes=publish.routes(self.indexer, token),
-                                  hot=self.hot)
+                                  hot=self.hot, missed=self.missed)
         self._stop = asyncio.Event()
 
     def _make_detector(self, kind: str) -> Detector:
@@ -105,6 +106,7 @@ class Origin:
                          "fallbacks": getattr(self.detector, "fallback_rescans", 0)},
                 "hot_blobs": {"items": len(self.hot), "bytes": self.hot.nbytes, "hits": self.hot.hits,
                               "misses": self.hot.misses},
+                "kept_on_miss": {"items": len(self.missed), "bytes": self.missed.nbytes, "hits": self.missed.hits},
                 "prehash": {"hashed": self.indexer.prehashed, "used": self.indexer.prehash_used},
                 "uptime": round(time.time() - self.started, 1)}
 
@@ -160,6 +162,7 @@ class Origin:
                 last = (ix.records_written, ix.scan_checked)
             self.journal.compact(self.retain)
             self.hot.expire()
+            self.missed.expire()
 
 
 def select_detector(kind: str, fanotify_check: Callable[[], tuple[bool, str]]) -> tuple[str | None, str | None]:

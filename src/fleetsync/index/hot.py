@@ -22,6 +22,12 @@ from collections.abc import Callable
 
 #: Default budget of cached content bytes.
 HOT_BYTES = 16 << 20
+#: Budget of the server's second cache: content it read from disk on a miss, kept for the next
+#: replica's request. Replicas bootstrapping together ask for the same content moments apart; a
+#: budget as large as HOT_BYTES added 23 MB to the origin's peak while it served three 1M-file
+#: bootstraps (bench/serve_memory.py), and a bootstrap's reads would churn the indexer's content
+#: out of the hot cache.
+MISS_BYTES = 4 << 20
 #: Files larger than this are not kept.
 HOT_ITEM_MAX = 1 << 20
 #: Seconds an entry is kept (replicas that follow ask for new content within moments).

@@ -135,6 +135,8 @@ class ServerState:
     followers: dict[str, Follower] = field(default_factory=dict)
     #: Content just hashed by the origin's indexer, served without reading the file again.
     hot: HotBlobs | None = None
+    #: Content read from disk on a miss, kept (in a budget of its own) for the next replica's request.
+    missed: HotBlobs | None = None
 
     def __post_init__(self) -> None:
         self._changed = asyncio.Event()
@@ -205,9 +207,8 @@ class ServerState:
 
     def read_small(self, digest: bytes, hint: bytes | None = None) -> tuple[int, bytes]:
         """Read a small blob by hash (at the hinted path if it still has it) from the tree, verified: (status, data)."""
-        if self.hot is not None:
-            data = self.hot.get(digest)
-            if data is not None:
+        for cache in (self.hot, self.missed):
+            if cache is not None and (data := cache.get(digest)) is not None:
                 return OK, data
         if hint is not None and (data := self._read_verified(hint, digest)) is not None:
             return OK, self._keep(digest, data)  # no manifest lookup: the hash decided
@@ -223,8 +224,8 @@ class ServerState:
 
     def _keep(self, digest: bytes, data: bytes) -> bytes:
         """Keep verified content read on a miss for the other replicas that will ask for it too."""
-        if self.hot is not None:
-            self.hot.put(digest, data)
+        if self.missed is not None:
+            self.missed.put(digest, data)
         return data
 
     def _read_verified(self, p: bytes, digest: bytes, size: int | None = None) -> bytes | None:
