@@ -23,10 +23,10 @@ from collections.abc import Callable
 #: Default budget of cached content bytes.
 HOT_BYTES = 16 << 20
 #: Budget of the server's second cache: content it read from disk on a miss, kept for the next
-#: replica's request. Replicas bootstrapping together ask for the same content moments apart; a
-#: budget as large as HOT_BYTES added 23 MB to the origin's peak while it served three 1M-file
-#: bootstraps (bench/serve_memory.py), and a bootstrap's reads would churn the indexer's content
-#: out of the hot cache.
+#: replica's request. Replicas bootstrapping together ask for the same content moments apart.
+#: Kept in the indexer's HOT_BYTES instead, a bootstrap's reads pushed the indexer's content out
+#: and the origin's peak while it served three 1M-file bootstraps rose 39-41 MB over idle, against
+#: 26-28 MB with this budget (bench/serve_memory.py, BENCHMARKS.md, fifteenth session).
 MISS_BYTES = 4 << 20
 #: Files larger than this are not kept.
 HOT_ITEM_MAX = 1 << 20
