@@ -7,6 +7,8 @@ import random
 import shutil
 from pathlib import Path
 
+import pytest
+
 from tests.helpers.cluster import Cluster
 
 
@@ -62,5 +64,34 @@ def test_empty_replica_joins_late_and_fetches_each_blob_once(tmp_path: Path) -> 
         c.wait_converged(timeout=60)
         anchor = len((c.origin.root / "anchor").read_bytes())
         assert c.bytes_sent("r1") == sum(sizes.values()) + anchor
+    finally:
+        c.stop()
+
+
+def test_bootstrap_workers_fill_an_empty_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With worker processes (bulk.py) the bootstrap gives the same tree: odd names, duplicates, large files."""
+    monkeypatch.setenv("FLEETSYNC_BULK_MIN_ENTRIES", "1")
+    monkeypatch.setenv("FLEETSYNC_BOOTSTRAP_WORKERS", "2")
+    c = Cluster(tmp_path / "c", n_replicas=1)
+    root = c.origin.root
+    sizes = _fill(root, 400, seed=3)
+    odd = [b"sp ace.txt", b"new\nline", b"\xff\xfe-latin1.bin", b"-dash", b"caf\xc3\xa9.html", b"empty"]
+    os.makedirs(root / "odd", exist_ok=True)
+    for i, name in enumerate(odd):
+        with open(os.path.join(bytes(root / "odd"), name), "wb") as f:
+            f.write(b"" if name == b"empty" else name * (i + 1))
+    for i in range(5):
+        shutil.copy2(root / "d1" / "f1.bin", root / "d1" / f"dup{i}.bin")
+    (root / "big.bin").write_bytes(random.Random(4).randbytes(5 << 20))  # over the batch limit: the parent's
+    os.chmod(root / "d2" / "f2.bin", 0o600)
+    try:
+        c.start()
+        c.wait_ready()
+        c.wait_converged(timeout=90)  # compares the trees (content, modes, mtimes, links)
+        log = c.replicas["r1"].log.read_text(errors="replace")
+        assert "worker processes" in log, "the bootstrap did not use its worker processes"
+        anchor = len((root / "anchor").read_bytes())
+        expected = sum(sizes.values()) + anchor + (5 << 20) + sum(len(n) * (i + 1) for i, n in enumerate(odd[:-1]))
+        assert c.bytes_sent("r1") == expected  # each blob fetched once, duplicates included
     finally:
         c.stop()

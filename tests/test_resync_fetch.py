@@ -3,17 +3,38 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from fleetsync.entry import Entry
 from fleetsync.hashing import hash_bytes
+from fleetsync.replica import bulk
+from fleetsync.replica.follower import Replica
 from fleetsync.replica.pipeline import RetryLater
 from tests.helpers.apiserver import ApiServer, replica_in
 
 
-async def test_duplicates_gone_and_large_content(origin: ApiServer, tmp_path: Path) -> None:
+@pytest.fixture(params=["in-process", "workers", "workers-zstd"])
+def workers(request: pytest.FixtureRequest) -> Iterator[tuple[int, str]]:
+    """(worker processes, compression) of the fetch: none (the replica's event loop writes), or two (bulk.py)."""
+    yield {"in-process": (0, "off"), "workers": (2, "off"), "workers-zstd": (2, "on")}[request.param]
+
+
+def _with_workers(rep: Replica, n: int) -> None:
+    if n:
+        assert rep.bootstrap_workers  # usable with this upstream and these options
+        rep._bulk = bulk.start_pool(n)
+
+
+def _without_workers(rep: Replica) -> None:
+    if rep._bulk is not None:
+        rep._bulk.shutdown(wait=True)
+        rep._bulk = None
+
+
+async def test_duplicates_gone_and_large_content(origin: ApiServer, tmp_path: Path, workers: tuple[int, str]) -> None:
     big = bytes(range(256)) * (5 << 12)  # 5 MiB: fetched on its own
     items: list[tuple[bytes, Entry]] = [
         (b"a/x.css", origin.put("a/x.css", b"alpha" * 100)),
@@ -25,10 +46,12 @@ async def test_duplicates_gone_and_large_content(origin: ApiServer, tmp_path: Pa
     # Later versions superseded two of them at the origin (the snapshot being applied is older):
     origin.put("c/dup1", b"newer")  # the path the blob is asked for first: gone there…
     origin.put("d/gone", b"newer")
-    rep = replica_in(tmp_path, origin.url, rid="t")
+    rep = replica_in(tmp_path, origin.url, rid="t", compress=workers[1], bootstrap_workers=workers[0])
+    _with_workers(rep, workers[0])
     try:
         await rep._fetch_and_write(items)
     finally:
+        _without_workers(rep)
         await rep.close()
     root = tmp_path / "replica"
     assert (root / "a/x.css").read_bytes() == b"alpha" * 100
@@ -43,18 +66,21 @@ async def test_duplicates_gone_and_large_content(origin: ApiServer, tmp_path: Pa
 
 
 @pytest.mark.parametrize("how", ["rewritten", "deleted"])
-async def test_changed_content_is_retried_not_written(origin: ApiServer, tmp_path: Path, how: str) -> None:
+async def test_changed_content_is_retried_not_written(origin: ApiServer, tmp_path: Path, how: str,
+                                                     workers: tuple[int, str]) -> None:
     """The origin's file no longer matches its manifest (its record is not written yet): retry later."""
     items = [(b"a/one", origin.put("a/one", b"one")), (b"a/two", origin.put("a/two", b"two"))]
     if how == "rewritten":
         (origin.root / "a" / "two").write_bytes(b"TWO")  # same size, other bytes
     else:
         (origin.root / "a" / "two").unlink()
-    rep = replica_in(tmp_path, origin.url, rid="t")
+    rep = replica_in(tmp_path, origin.url, rid="t", compress=workers[1], bootstrap_workers=workers[0])
+    _with_workers(rep, workers[0])
     try:
         with pytest.raises(RetryLater, match="changed at"):
             await rep._fetch_and_write(items)
     finally:
+        _without_workers(rep)
         await rep.close()
     assert not (tmp_path / "replica" / "a" / "two").exists()
 

@@ -483,10 +483,12 @@ class Bench:
                 diffs = self.verify([fleet.replica_roots[name]])
                 sent = fleet.bytes_sent(st).get(name, 0)
                 hwm = fleet.vmhwm()
+                rstats = fleet.replica_stats().get(name, {})
                 if diffs:
                     raise Failed("replica differs from the origin:\n" + "\n".join(diffs))
                 self.record(sc, metric, FLEETSYNC, dt, "s", bytes_sent=sent, replica_vmhwm=hwm.get(name),
-                            origin_vmhwm=hwm.get("origin"), rep=rep)
+                            origin_vmhwm=hwm.get("origin"), rep=rep, replica_cpu_s=cpu_seconds(fleet.replicas[name].pid),
+                            worker_vmhwm=rstats.get("bootstrap_worker_peak_rss"))
             except (Failed, NotConverged, RuntimeError) as e:
                 self.profile_stop()
                 self.fail(sc, [(metric, "s")], FLEETSYNC, e)

@@ -61,11 +61,12 @@ def proc_status(pid: int, key: str) -> int | None:
 
 
 def cpu_seconds(pid: int) -> float | None:
-    """utime+stime of a process (seconds), or None if it is gone."""
+    """utime+stime of a process and of its children it has reaped (a replica's bootstrap workers), in
+    seconds, or None if it is gone."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             parts = f.read().rsplit(")", 1)[1].split()
-        return (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
+        return sum(int(x) for x in parts[11:15]) / os.sysconf("SC_CLK_TCK")
     except (FileNotFoundError, ProcessLookupError, IndexError):
         return None
 

@@ -21,11 +21,15 @@ from fleetsync.cli.options import LISTEN, RATE, retain_option, token_option, ver
               help="Limit content transfer from the upstream to RATE bytes/s, e.g. 500K or 10M (K/M/G = 1024^n).")
 @click.option("--compress", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
               help="zstd on blob streams: auto = on unless the upstream is a loopback address.")
+@click.option("--bootstrap-workers", type=click.IntRange(0, 64), default=None,
+              help="Processes that fetch and write the small files of a bootstrap into an empty root "
+                   "(default: one per CPU, at most 4; 0: all in the replica's own process).")
 @retain_option
 @token_option
 @verbose_option
 def command(root: str, state: str, upstream: str, replica_id: str | None, listen: tuple[str, int] | None,
-            bwlimit: float | None, compress: str, retain: int, token: str | None, verbose: int) -> None:
+            bwlimit: float | None, compress: str, bootstrap_workers: int | None, retain: int, token: str | None,
+            verbose: int) -> None:
     """Keep ROOT identical to the upstream's tree."""
     from fleetsync.cli import setup_logging
     from fleetsync.replica.run import run_replica
@@ -37,4 +41,4 @@ def command(root: str, state: str, upstream: str, replica_id: str | None, listen
         digest = hashlib.sha1(os.path.abspath(state).encode()).hexdigest()[:6]
         replica_id = f"{socket.gethostname()}-{digest}"
     run_replica(root, state, upstream, replica_id, listen, token=token, bwlimit=bwlimit, compress=compress,
-                retain=retain)
+                retain=retain, bootstrap_workers=bootstrap_workers)

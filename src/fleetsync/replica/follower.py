@@ -10,7 +10,7 @@ import random
 import stat
 import time
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import BrokenExecutor, Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +21,7 @@ from fleetsync.entry import DELETE, DIR, FILE, LINK, MOVE, PUT, Entry, Record, R
 from fleetsync.errors import FleetsyncError, ResyncNeeded, UnsafePath
 from fleetsync.journal import DEFAULT_RETAIN
 from fleetsync.journal.sqlite import SnapshotStage, SqliteJournal
+from fleetsync.replica import bulk
 from fleetsync.replica.fsops import ConfinedRoot, verify_digest
 from fleetsync.replica.pipeline import BlobPipeline, RetryLater
 from fleetsync.transport import chunks
@@ -37,6 +38,8 @@ FEED_LIMIT = 5000
 WRITERS = int(os.environ.get("FLEETSYNC_WRITERS", "0"))
 #: Bootstrap batches fetched and written concurrently.
 BOOTSTRAP_CONCURRENCY = 2
+#: A fresh bootstrap of at least this many entries hands its small files to worker processes (bulk.py).
+BULK_MIN_ENTRIES = int(os.environ.get("FLEETSYNC_BULK_MIN_ENTRIES", "5000"))
 #: Connections one large blob may take when they break mid-transfer (each resumes with Range).
 RESUME_TRIES = 8
 #: Seconds without a new feed page after which the old versions of applied files are unlinked.
@@ -58,6 +61,8 @@ class Stats:
     files_reused: int = 0
     bytes_fetched: int = 0
     bootstraps: int = 0
+    #: Largest peak RSS (bytes) of a bootstrap worker process (bulk.py); 0 if none ran.
+    bootstrap_worker_peak_rss: int = 0
 
 
 @dataclass
@@ -153,11 +158,13 @@ class Replica:
 
     def __init__(self, root: str, state_dir: str, upstream: str, replica_id: str, *,
                  token: str | None = None, poll_wait: float = 20.0, bwlimit: float | None = None,
-                 compress: str = "auto", retain: int = DEFAULT_RETAIN) -> None:
+                 compress: str = "auto", retain: int = DEFAULT_RETAIN, bootstrap_workers: int | None = None) -> None:
         """Open (or create) the replica's state; nothing is fetched before run().
 
         retain: applied records kept for this replica's own followers when it relays (a follower
         further behind resyncs from a snapshot); older ones are compacted.
+        bootstrap_workers: processes that fetch and write a fresh bootstrap's small files
+        (bulk.py); None: one per CPU, at most 4; 0: none, all in this process.
         """
         self.fs = ConfinedRoot(root)
         self.journal = SqliteJournal(os.path.join(state_dir, "replica.db"), durable=False)
@@ -165,6 +172,12 @@ class Replica:
                                      compress=zstd_stream.resolve(compress, upstream))
         log.info(zstd_stream.describe(self.client.compress, upstream, compress))
         self._pool = ThreadPoolExecutor(max_workers=WRITERS, thread_name_prefix="fleetsync-write") if WRITERS else None
+        self.bootstrap_workers = bulk.default_workers() if bootstrap_workers is None else bootstrap_workers
+        if not bulk.usable(self.client.base, bwlimit=bwlimit):
+            self.bootstrap_workers = 0
+        self._bulk_headers = {"X-Fleetsync-Replica": replica_id, **({"Authorization": f"Bearer {token}"} if token else {})}
+        #: Worker processes of the fresh bootstrap under way (None otherwise).
+        self._bulk: Executor | None = None
         self.upstream = upstream
         self.id = replica_id
         self.poll_wait = poll_wait
@@ -319,7 +332,12 @@ class Replica:
                 found = True
                 if not keep.ignored(p) and not stage.contains(p):
                     extras.append(p)
-        batches = _Concurrent(BOOTSTRAP_CONCURRENCY)
+        workers = self.bootstrap_workers if fresh and not found and n >= BULK_MIN_ENTRIES else 0
+        if workers:
+            # An empty root: worker processes write the small files (bulk.py), the parent the rest.
+            log.info("bootstrap into an empty root: %d worker processes write the small files", workers)
+            self._bulk = bulk.start_pool(workers)
+        batches = _Concurrent(max(BOOTSTRAP_CONCURRENCY, workers + 1))
         flusher = _BackgroundFlush(self.fs, BACKGROUND_FLUSH)
         flusher.start()
         try:
@@ -328,6 +346,11 @@ class Replica:
         finally:
             await batches.cancel()
             await flusher.stop()
+            if self._bulk is not None:
+                # Waits for shares still being written, so that none lands after this resync
+                # (or the next one) has looked at its paths.
+                self._bulk.shutdown(wait=True, cancel_futures=True)
+                self._bulk = None
         # Deletions last, after the new content is in place.
         if not fresh:
             extras = stage.manifest_extras()
@@ -416,7 +439,19 @@ class Replica:
                 by_hash.setdefault(e.hash, []).append((p, e))
             else:
                 singly.append((p, e))
-        if by_hash:
+        if by_hash and self._bulk is not None:
+            up = bulk.Upstream(self.client.base, self._bulk_headers, self.client.compress)
+            try:
+                res = await asyncio.get_running_loop().run_in_executor(
+                    self._bulk, bulk.fetch_share, up, os.fsdecode(self.fs.root), list(by_hash.values()))
+            except BrokenExecutor as e:
+                raise FleetsyncError(f"bootstrap from {self.upstream}: a worker process died ({e})") from e
+            self.stats.bytes_fetched += res.bytes
+            self.client.bytes_received += res.bytes
+            self.stats.files_written += res.files
+            self.stats.bootstrap_worker_peak_rss = max(self.stats.bootstrap_worker_peak_rss, res.peak_rss)
+            singly.extend(res.left)
+        elif by_hash:
             fs = self.fs
             async for digest, status, data in self.client.blobs(list(by_hash), [t[0][0] for t in by_hash.values()]):
                 targets = by_hash[digest]
