@@ -102,10 +102,10 @@ def _init_worker() -> None:
         os._exit(1)
 
 
-_roots: dict[str, ConfinedRoot] = {}
+_roots: dict[bytes, ConfinedRoot] = {}
 
 
-def fetch_share(up: Upstream, root: str, groups: list[list[tuple[bytes, Entry]]]) -> ShareResult:
+def fetch_share(up: Upstream, root: bytes, groups: list[list[tuple[bytes, Entry]]]) -> ShareResult:
     """Fetch the blobs of `groups` (each: the (path, entry) pairs of one content hash) and write every path.
 
     Runs in a worker process. Raises RetryLater if the upstream says a content changed since it

@@ -175,7 +175,6 @@ class Replica:
         self.bootstrap_workers = bulk.default_workers() if bootstrap_workers is None else bootstrap_workers
         if not bulk.usable(self.client.base, bwlimit=bwlimit):
             self.bootstrap_workers = 0
-        self._bulk_headers = {"X-Fleetsync-Replica": replica_id, **({"Authorization": f"Bearer {token}"} if token else {})}
         #: Worker processes of the fresh bootstrap under way (None otherwise).
         self._bulk: Executor | None = None
         self.upstream = upstream
@@ -440,10 +439,10 @@ class Replica:
             else:
                 singly.append((p, e))
         if by_hash and self._bulk is not None:
-            up = bulk.Upstream(self.client.base, self._bulk_headers, self.client.compress)
+            up = bulk.Upstream(self.client.base, self.client.headers, self.client.compress)
             try:
                 res = await asyncio.get_running_loop().run_in_executor(
-                    self._bulk, bulk.fetch_share, up, os.fsdecode(self.fs.root), list(by_hash.values()))
+                    self._bulk, bulk.fetch_share, up, self.fs.root, list(by_hash.values()))
             except BrokenExecutor as e:
                 raise FleetsyncError(f"bootstrap from {self.upstream}: a worker process died ({e})") from e
             self.stats.bytes_fetched += res.bytes

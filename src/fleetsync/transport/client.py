@@ -65,6 +65,8 @@ class UpstreamClient:
         headers = {"X-Fleetsync-Replica": replica_id}
         if token:
             headers["Authorization"] = f"Bearer {token}"
+        #: Headers sent on every request (replica id, token).
+        self.headers: dict[str, str] = dict(headers)
         self._session = aiohttp.ClientSession(
             headers=headers,
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=timeout),
