@@ -21,8 +21,8 @@ from fleetsync.ops.verify import diff_trees, fingerprint_tree
 
 from harness.fleet import Fleet, NotConverged, Profiler
 from harness.peers import Lsyncd, expected_for, rsync_push, stat_key, wait_match
-from harness.util import (CpuAudit, Results, cpu_seconds, drop_caches, free_port, io_pressure, log, max_user_watches,
-                          median, now, percentile, sync_disks, wait_idle)
+from harness.util import (CpuAudit, Results, cpu_seconds, drop_caches, free_port, io_pressure, log,
+                          machine_cpu_seconds, max_user_watches, median, now, percentile, sync_disks, wait_idle)
 
 FLEETSYNC = "fleetsync"
 RSYNC = "rsync"
@@ -841,13 +841,21 @@ class Bench:
             ov0 = fleet.overflow_count()
             wl0 = fleet.watch_limit_count()
             self.profile_start("burst", ["origin", "r1"])
+            cpu0 = {name: cpu_seconds(pid) for name, pid in fleet.pids().items()}
+            busy0, c0 = machine_cpu_seconds(), time.process_time()
             sub, bc, t0, t_last = write_burst(FLEETSYNC)
             t, st = fleet.wait_converged(self.replicas, min_seq=st0["seq"] + 1, t_ref=t_last, timeout=self.sizes.timeout)
+            busy = round(machine_cpu_seconds() - busy0, 2)
+            cap = round((os.cpu_count() or 1) * (now() - t0), 2)  # CPU-seconds the machine had
             self.profile_stop()
+            cpu = {name: round((cpu_seconds(pid) or 0.0) - (cpu0.get(name) or 0.0), 2)
+                   for name, pid in fleet.pids().items()}
+            cpu["writer"] = round(time.process_time() - c0, 2)
             dt = t - t_last
             ov = fleet.overflow_count() - ov0
             log(f"  fleetsync burst: written in {t_last - t0:.2f}s, converged {dt:.2f}s after the last write "
-                f"({st['seq'] - st0['seq']} records, {ov} inotify overflows)")
+                f"({st['seq'] - st0['seq']} records, {ov} inotify overflows); CPU seconds first write → "
+                f"converged: {cpu}, the whole machine {busy} of {cap}")
             diffs = self.verify_fleet("burst")
             if diffs:
                 raise Failed("replicas differ from the origin:\n" + "\n".join(diffs))
@@ -855,7 +863,8 @@ class Bench:
             if wl:
                 log(f"  WARNING: the origin ran out of inotify watches {wl} times (fs.inotify.max_user_watches)")
             self.record(sc, m_time, FLEETSYNC, dt, "s", write_seconds=t_last - t0, from_first_write=t - t0,
-                        records=st["seq"] - st0["seq"], overflows=ov, watch_limit_hits=wl)
+                        records=st["seq"] - st0["seq"], overflows=ov, watch_limit_hits=wl, cpu_s=cpu,
+                        machine_cpu_s=busy, machine_cpu_capacity_s=cap)
             st0 = fleet.status() or {}
             t_rm = remove(sub)
             sub = None
