@@ -47,6 +47,24 @@ def test_entries_expire_after_the_ttl() -> None:
     assert len(h) == 1 and h.nbytes == 1 and h.get(b"b") is None
 
 
+def test_touch_makes_an_entry_the_newest() -> None:
+    """touch() refreshes a kept entry's age and FIFO place; an entry not kept stays absent."""
+    now = [100.0]
+    h = HotBlobs(max_bytes=6, ttl=10.0, clock=lambda: now[0])
+    h.put(b"a", b"aa")
+    h.put(b"b", b"bb")
+    now[0] = 108.0
+    h.touch(b"a")
+    h.touch(b"gone")
+    assert h.get(b"gone") is None and len(h) == 2
+    h.put(b"c", b"cc")
+    h.put(b"d", b"dd")  # 8 bytes > 6: b goes first now, not a
+    assert h.get(b"b") is None and h.get(b"a") == b"aa"
+    now[0] = 115.0  # b's put was 15 s ago, a's touch 7 s
+    h.expire()
+    assert h.get(b"a") == b"aa"
+
+
 @pytest.mark.parametrize("size", [0, 1, 1 << 20, (1 << 20) + 1, 3 << 20])
 def test_hash_fd_keep_returns_content_up_to_the_limit(tmp_path: Path, size: int) -> None:
     data = os.urandom(size)

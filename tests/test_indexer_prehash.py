@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 from fleetsync.hashing import hash_bytes
-from fleetsync.index import indexer as indexer_mod
 from fleetsync.index.hot import HotBlobs
 from fleetsync.index.indexer import Indexer, open_for_write
 from fleetsync.journal.sqlite import SqliteJournal
@@ -65,15 +64,14 @@ def test_closed_file_is_hashed_early_and_its_digest_used(tmp_path: Path) -> None
         ix.changed(b"f", closed=True)
         await _prehashed(ix)
         pre = ix.pending[b"f"].pre
-        assert pre is not None and pre.digest == hash_bytes(data) and pre.data == data
-        assert ix._pre_bytes == len(data)
+        assert pre is not None and pre.digest == hash_bytes(data)
+        assert hot.get(hash_bytes(data)) == data  # the content waits in the hot cache, not in the hint
         await _commit_all(ix)
 
     _run(ix, body)
     assert (e := j.get(b"f")) is not None and e.hash == hash_bytes(data) and e.size == len(data)
     assert (ix.prehashed, ix.prehash_used) == (1, 1)
     assert hot.get(hash_bytes(data)) == data  # kept for the replicas, as a read would have
-    assert ix._pre_bytes == 0
 
 
 def test_rewrite_that_sent_no_event_is_hashed_again(tmp_path: Path) -> None:
@@ -112,7 +110,6 @@ def test_an_event_after_the_pre_hash_drops_it(tmp_path: Path) -> None:
             w.write(b" two")
             ix.changed(b"f", writing=True)
             assert ix.pending[b"f"].pre is None
-            assert ix._pre_bytes == 0
         ix.changed(b"f", closed=True)
         await _prehashed(ix)
         await _commit_all(ix)
@@ -151,10 +148,15 @@ def test_a_file_held_open_for_writing_is_not_pre_hashed(tmp_path: Path) -> None:
     assert ix.prehashed == 1
 
 
-def test_pre_hashes_hold_content_up_to_the_budget(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Past PREHASH_KEEP bytes a pre-hash keeps its digest only; the count returns to 0 after the batch."""
-    monkeypatch.setattr(indexer_mod, "PREHASH_KEEP", 2500)
-    root, j, ix, hot = _indexer(tmp_path)
+def test_pre_hashed_content_shares_the_hot_cache_budget(tmp_path: Path) -> None:
+    """Pre-hashed content is held only by the hot cache, within its byte budget: a burst larger
+    than the budget keeps the newest content, every file is still recorded from its pre-hash, and
+    the content a batch used becomes the newest entry."""
+    root = tmp_path / "root"
+    root.mkdir()
+    j = SqliteJournal(str(tmp_path / "o.db"), content_index=False)
+    hot = HotBlobs(max_bytes=2500)
+    ix = Indexer(str(root), j, settle=SETTLE, hot=hot)
     blobs = {f"f{i}".encode(): os.urandom(1000) for i in range(5)}
 
     async def body() -> None:
@@ -162,13 +164,19 @@ def test_pre_hashes_hold_content_up_to_the_budget(tmp_path: Path, monkeypatch: p
             (root / name.decode()).write_bytes(data)
             ix.changed(name, closed=True)
             await _prehashed(ix)
-        pres = [ix.pending[n].pre for n in blobs]
-        assert all(p is not None for p in pres)
-        assert sum(p.data is not None for p in pres if p) == 2 and ix._pre_bytes == 2000
+            assert hot.nbytes <= 2500
+        assert all(ix.pending[n].pre is not None for n in blobs)
+        kept = [n for n, d in blobs.items() if hot.get(hash_bytes(d)) is not None]
+        assert kept == [b"f3", b"f4"]
+        hot.put(b"x" * 32, b"y" * 400)  # something newer than the pre-hashes
         await _commit_all(ix)
+        # The batch used f3's and f4's pre-hashes: they are now newer than x, which goes first.
+        hot.put(b"z" * 32, b"y" * 400)
+        assert hot.get(b"x" * 32) is None
+        assert hot.get(hash_bytes(blobs[b"f4"])) is not None
 
     _run(ix, body)
-    assert ix.prehash_used == 5 and ix._pre_bytes == 0
+    assert ix.prehash_used == 5
     for name, data in blobs.items():
         assert (e := j.get(name)) is not None and e.hash == hash_bytes(data)
 

@@ -48,8 +48,6 @@ _LEASE_SIGNAL = signal.SIGURG
 SCAN_MOVES_MAX = 256
 #: Pre-hashes queued or running at most (past it, a closed file is hashed when it settles).
 PREHASH_QUEUE = 4096
-#: Content bytes pre-hashes hold for the hot cache until their batch (past it, the digest only).
-PREHASH_KEEP = 16 << 20
 
 
 @dataclass(slots=True)
@@ -64,17 +62,16 @@ class Pending:
     walked: bool = False
     #: Which hint this is: a pre-hash applies only to the hint it was started for.
     gen: int = 0
-    #: The content as hashed right after the writer closed the file (None: not pre-hashed).
+    #: The digest as hashed right after the writer closed the file (None: not pre-hashed).
     pre: "_Pre | None" = None
 
 
 @dataclass(slots=True)
 class _Pre:
-    """A pre-hash: the file's stat identity when hashed, its digest and (small files) its content."""
+    """A pre-hash: the file's stat identity when hashed and its digest (small files' content went to the hot cache)."""
 
     key: tuple[int, int, int, int]
     digest: bytes
-    data: bytes | None
 
 
 def _key(st: os.stat_result) -> tuple[int, int, int, int]:
@@ -180,7 +177,6 @@ class Indexer:
         self._pre_thread: threading.Thread | None = None
         self._pre_stop = False
         self._pre_queued = 0
-        self._pre_bytes = 0
         #: Files pre-hashed, and how many of those digests a batch used.
         self.prehashed = 0
         self.prehash_used = 0
@@ -211,10 +207,7 @@ class Indexer:
 
     # -- pre-hash --------------------------------------------------------------------------------
     def _drop_pre(self, p: Pending) -> None:
-        if p.pre is not None:
-            if p.pre.data is not None:
-                self._pre_bytes -= len(p.pre.data)
-            p.pre = None
+        p.pre = None
 
     def _prehash(self, path: bytes, gen: int) -> None:
         """Queue a file its writer just closed for the pre-hash thread (if the queue has room)."""
@@ -258,11 +251,16 @@ class Indexer:
         st = self.fs.lstat(path)
         if st is None or not stat.S_ISREG(st.st_mode) or st.st_size > item_max:
             return None
-        keep = item_max if self.hot is not None and self._pre_bytes < PREHASH_KEEP else -1
-        read = self._read_file(path, st, keep)
+        read = self._read_file(path, st, item_max if self.hot is not None else -1)
         if read is None or read[2]:
             return None  # changed while read, or another writer has it open: the batch looks again
-        return _Pre(_key(st), read[0], read[1])
+        digest, data, _ = read
+        if data is not None and self.hot is not None:
+            # Into the hot cache now, under its digest: its one budget bounds content waiting for
+            # a batch as well as committed content (an entry is right for its digest whatever
+            # happens to the file later; one the batch does not use just ages out).
+            self.hot.put(digest, data)
+        return _Pre(_key(st), digest)
 
     def _read_file(self, path: bytes, st: os.stat_result, keep: int) -> tuple[bytes, bytes | None, bool | None] | None:
         """Hash the file lstat'ed as st: (digest, content if at most `keep` bytes, a writer holds it
@@ -293,12 +291,6 @@ class Indexer:
             p = self.pending.get(path)
             if p is None or p.gen != gen:
                 continue
-            if pre.data is not None:
-                if self._pre_bytes + len(pre.data) > PREHASH_KEEP:
-                    pre.data = None
-                else:
-                    self._pre_bytes += len(pre.data)
-            self._drop_pre(p)
             p.pre = pre
 
     def close(self) -> None:
@@ -815,8 +807,8 @@ class Indexer:
                 o.hashed = True
                 o.busy = False
                 self.prehash_used += 1
-                if pr.data is not None and self.hot is not None and p not in walked:
-                    self.hot.put(pr.digest, pr.data)
+                if self.hot is not None and p not in walked:
+                    self.hot.touch(pr.digest)  # kept since the pre-hash: now as fresh as a read
                 continue
             hot = self.hot if p not in walked else None
             read = self._read_file(p, st, hot.item_max if hot is not None else -1)
