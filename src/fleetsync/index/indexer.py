@@ -196,7 +196,7 @@ class Indexer:
             p.removed = False
             p.walked = False
             p.gen = self._gen
-            self._drop_pre(p)
+            p.pre = None
             if closed:
                 p.writing = False
             elif writing:
@@ -206,9 +206,6 @@ class Indexer:
         self._wake.set()
 
     # -- pre-hash --------------------------------------------------------------------------------
-    def _drop_pre(self, p: Pending) -> None:
-        p.pre = None
-
     def _prehash(self, path: bytes, gen: int) -> None:
         """Queue a file its writer just closed for the pre-hash thread (if the queue has room)."""
         if self._loop is None or self._pre_stop or self._pre_queued >= PREHASH_QUEUE:
@@ -308,8 +305,6 @@ class Indexer:
         cur = self.pending.get(path)
         if cur is not None and cur.removed:
             return  # already waiting to verify this removal; a repeat is not new activity
-        if cur is not None:
-            self._drop_pre(cur)
         # Same settle as changes, so a rename seen as delete + create lands in one batch (inode match).
         self._gen += 1
         self.pending[path] = Pending(now + self.settle, False, now, removed=True, gen=self._gen)
@@ -322,10 +317,7 @@ class Indexer:
             return
         # Carry pending hints along with the rename.
         for p in [p for p in self.pending if paths.is_under(p, old)]:
-            q = paths.rebase(p, old, new)
-            if (replaced := self.pending.get(q)) is not None:
-                self._drop_pre(replaced)
-            self.pending[q] = self.pending.pop(p)
+            self.pending[paths.rebase(p, old, new)] = self.pending.pop(p)
         if is_dir:
             # The batch being observed may look at a path below after this rename happened on
             # disk (gone, and unknown to the manifest if new), or already did: have it looked at
@@ -653,7 +645,6 @@ class Indexer:
             h = self.pending.pop(p)
             if h.pre is not None:
                 pre[p] = h.pre
-                self._drop_pre(h)  # (the batch holds it now)
         self._inflight = len(ready)
         self._flight = ready
         walks0, walking0 = self.walks, bool(self._walks)
